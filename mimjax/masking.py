@@ -1,0 +1,203 @@
+"""Masking transforms: which patches each view of an image sees.
+
+Every mask function has one signature::
+
+    mask_fn(rng: PRNGKey, batch_size: int, num_patches: int) -> tuple[Mask, ...]
+
+and returns one `Mask` per view (MAE: one view; the siamese form: two
+complementary views). Masks are drawn independently per sample, on device, and
+every sample of a view keeps the same number of patches (static shapes).
+Grid-shaped masks (`block`, `grid`) need the patch grid; they take it as an
+argument of their factory and check `num_patches` against it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@flax.struct.dataclass
+class Mask:
+  """One view: `ids_keep` (B, K) visible patch ids in the order the encoder
+  sees them; `ids_restore` (B, L) puts [visible, hidden] tokens back into
+  grid order; `mask` (B, L) is 1 where hidden, 0 where visible."""
+  ids_keep: jax.Array
+  ids_restore: jax.Array
+  mask: jax.Array
+
+  @property
+  def num_visible(self) -> int:
+    return self.ids_keep.shape[1]
+
+
+MaskFn = Callable[[jax.Array, int, int], tuple[Mask, ...]]
+
+
+def check_ratio(ratio: float):
+  if not 0.0 < ratio < 1.0:
+    raise ValueError(f'mask ratio must be in (0, 1), got {ratio}')
+
+
+def num_kept(num_patches: int, ratio: float) -> int:
+  """Visible patches per sample: int(L * (1 - r)), as the reference MAE."""
+  return int(num_patches * (1 - ratio))
+
+
+def from_scores(scores: jax.Array, num_keep: int) -> Mask:
+  """The `num_keep` lowest-scoring patches of each row are visible."""
+  ids_shuffle = jnp.argsort(scores, axis=1)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1)
+  ids_keep = ids_shuffle[:, :num_keep]
+  hidden = (jnp.arange(scores.shape[1]) >= num_keep).astype(jnp.float32)
+  mask = jnp.take_along_axis(
+      jnp.broadcast_to(hidden, scores.shape), ids_restore, axis=1)
+  return Mask(ids_keep, ids_restore, mask)
+
+
+def complement(mask: Mask) -> Mask:
+  """The view that sees exactly the patches `mask` hides."""
+  num_patches = mask.mask.shape[1]
+  # The patches `mask` hides score lowest; ties keep grid order.
+  scores = 1.0 - mask.mask + jnp.arange(num_patches) / (2 * num_patches)
+  return from_scores(scores, num_patches - mask.num_visible)
+
+
+def random(ratio: float = 0.75) -> MaskFn:
+  """Reference MAE masking: per-sample argsort of uniform noise."""
+  check_ratio(ratio)
+
+  def mask_fn(rng, batch_size, num_patches):
+    noise = jax.random.uniform(rng, (batch_size, num_patches))
+    return (from_scores(noise, num_kept(num_patches, ratio)),)
+  return mask_fn
+
+
+def complementary(ratio: float = 0.75) -> MaskFn:
+  """Two views: A = a random mask, B = its complement (sees what A hides)."""
+  base = random(ratio)
+
+  def mask_fn(rng, batch_size, num_patches):
+    (view_a,) = base(rng, batch_size, num_patches)
+    return view_a, complement(view_a)
+  return mask_fn
+
+
+def independent(ratio: float = 0.75, num_views: int = 2) -> MaskFn:
+  """Several views, each an independent random mask."""
+  base = random(ratio)
+
+  def mask_fn(rng, batch_size, num_patches):
+    keys = jax.random.split(rng, num_views)
+    return tuple(base(k, batch_size, num_patches)[0] for k in keys)
+  return mask_fn
+
+
+def _check_grid(grid, num_patches):
+  if grid[0] * grid[1] != num_patches:
+    raise ValueError(f'mask grid {grid} does not have {num_patches} patches')
+
+
+def block(grid: tuple[int, int], ratio: float = 0.4, min_block: int = 16,
+          max_aspect: float = 3.0, num_blocks: int = 32) -> MaskFn:
+  """BEiT-style block-wise masking with an exact hidden count per sample.
+
+  Rectangles of random area (>= `min_block` patches) and aspect ratio are
+  drawn on the grid; hidden patches are taken from the union of rectangles,
+  the earliest-drawn first, and topped up at random if they do not cover
+  L * ratio patches.
+  """
+  check_ratio(ratio)
+  gh, gw = grid
+  log_aspect = math.log(max_aspect)
+
+  def one_sample(rng, num_hidden):
+    rows = jnp.arange(gh)[:, None]
+    cols = jnp.arange(gw)[None, :]
+    keys = jax.random.split(rng, num_blocks + 1)
+
+    def draw(i, first_hit):
+      k_area, k_aspect, k_top, k_left = jax.random.split(keys[i], 4)
+      area = jax.random.uniform(k_area, minval=min_block,
+                                maxval=max(min_block, num_hidden))
+      aspect = jnp.exp(jax.random.uniform(k_aspect, minval=-log_aspect,
+                                          maxval=log_aspect))
+      h = jnp.clip(jnp.round(jnp.sqrt(area * aspect)), 1, gh).astype(jnp.int32)
+      w = jnp.clip(jnp.round(jnp.sqrt(area / aspect)), 1, gw).astype(jnp.int32)
+      top = jax.random.randint(k_top, (), 0, gh - h + 1)
+      left = jax.random.randint(k_left, (), 0, gw - w + 1)
+      inside = ((rows >= top) & (rows < top + h) &
+                (cols >= left) & (cols < left + w))
+      return jnp.where(inside, jnp.minimum(first_hit, i), first_hit)
+
+    first_hit = jax.lax.fori_loop(
+        0, num_blocks, draw, jnp.full((gh, gw), num_blocks, jnp.int32))
+    noise = jax.random.uniform(keys[-1], (gh * gw,))
+    # Lower = hidden earlier; patches outside every block come last.
+    return first_hit.reshape(-1) + noise
+
+  def mask_fn(rng, batch_size, num_patches):
+    _check_grid(grid, num_patches)
+    num_hidden = num_patches - num_kept(num_patches, ratio)
+    hide_order = jax.vmap(one_sample, (0, None))(
+        jax.random.split(rng, batch_size), num_hidden)
+    return (from_scores(-hide_order, num_kept(num_patches, ratio)),)
+  return mask_fn
+
+
+def grid_mask(grid: tuple[int, int], stride: int = 2) -> MaskFn:
+  """Keeps one patch in every stride x stride cell, at a random offset per sample."""
+  gh, gw = grid
+  if gh % stride or gw % stride:
+    raise ValueError(f'grid {grid} is not divisible by stride {stride}')
+
+  def mask_fn(rng, batch_size, num_patches):
+    _check_grid(grid, num_patches)
+    rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing='ij')
+    offsets = jax.random.randint(rng, (batch_size, 2), 0, stride)
+    keep = ((rows.reshape(1, -1) % stride == offsets[:, :1]) &
+            (cols.reshape(1, -1) % stride == offsets[:, 1:]))
+    # Visible patches score below hidden ones; ties keep grid order.
+    scores = jnp.where(keep, 0.0, 1.0) + jnp.arange(num_patches) / num_patches
+    return (from_scores(scores, num_patches // stride**2),)
+  return mask_fn
+
+
+def given(masks: jax.Array | Sequence[jax.Array]) -> MaskFn:
+  """Caller-given binary masks (1 = hidden), one (B, L) array per view.
+
+  Every row of a view must hide the same number of patches.
+  """
+  masks = [masks] if getattr(masks, 'ndim', 0) == 2 else list(masks)
+  views = []
+  for m in masks:
+    m = np.asarray(m)
+    counts = (m == 0).sum(axis=1)
+    if m.ndim != 2 or np.any(counts != counts[0]):
+      raise ValueError('given masks must be (B, L) with the same number of '
+                       f'visible patches per row, got visible counts {counts}')
+    views.append(m.astype(np.float32))
+
+  def mask_fn(rng, batch_size, num_patches):
+    del rng
+    out = []
+    for m in views:
+      if m.shape != (batch_size, num_patches):
+        raise ValueError(f'given mask has shape {m.shape}, the batch needs '
+                         f'{(batch_size, num_patches)}')
+      num_keep = int((m[0] == 0).sum())
+      scores = jnp.asarray(m) + jnp.arange(num_patches) / (2 * num_patches)
+      out.append(from_scores(scores, num_keep))
+    return tuple(out)
+  return mask_fn
+
+
+def from_noise(noise: jax.Array, ratio: float) -> Mask:
+  """The reference MAE mask for given noise (B, L): keeps the lowest values."""
+  check_ratio(ratio)
+  return from_scores(noise, num_kept(noise.shape[1], ratio))

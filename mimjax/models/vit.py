@@ -1,0 +1,302 @@
+"""Vision Transformer encoder that runs on the visible patches only."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# name: (width, depth, heads). Patch size is a separate argument.
+PRESETS = {
+    'mu': (64, 2, 4),  # tiny CPU preset for tests and demos
+    'Ti': (192, 12, 3),
+    'S': (384, 12, 6),
+    'M': (512, 8, 8),  # small CPU demo preset
+    'B': (768, 12, 12),
+    'L': (1024, 24, 16),
+    'H': (1280, 32, 16),
+}
+
+
+def preset(name: str) -> dict[str, int]:
+  """Width, depth and heads of a named ViT size ('B', 'L', 'H', ...)."""
+  if name not in PRESETS:
+    raise ValueError(f'unknown ViT size {name!r}; known: {sorted(PRESETS)}')
+  width, depth, heads = PRESETS[name]
+  return dict(width=width, depth=depth, num_heads=heads)
+
+
+# Official MAE init: xavier-uniform on every linear map viewed as 2-D (out, in).
+xavier = nn.initializers.xavier_uniform()
+# The reference fuses q, k and v into one (D, 3D) matrix, so its xavier bound
+# uses fan_out = 3D; on our separate q, k, v kernels (which DenseGeneral
+# initialises flattened to (D, D)) that is a variance scale of 1/2.
+qkv_init = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
+# Patch projection: xavier on the conv kernel flattened to (p*p*C, D).
+patch_init = nn.initializers.variance_scaling(
+    1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=3)
+token_init = nn.initializers.normal(0.02)
+
+
+def logical(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x, names):
+  return nn.with_logical_constraint(x, names)
+
+
+# ---------------------------------------------------------------- patches
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """(B, H, W, C) images -> (B, L, p*p*C) patches, row-major, pixels then channels."""
+  b, h, w, c = images.shape
+  p = patch_size
+  check_patch_size(h, w, p)
+  x = images.reshape(b, h // p, p, w // p, p, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: jax.Array, patch_size: int, grid: tuple[int, int],
+               channels: int = 3) -> jax.Array:
+  """Inverse of `patchify`: (B, L, p*p*C) -> (B, H, W, C)."""
+  b = patches.shape[0]
+  gh, gw = grid
+  p = patch_size
+  x = patches.reshape(b, gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * p, gw * p, channels)
+
+
+def check_patch_size(height: int, width: int, patch_size: int):
+  if height % patch_size or width % patch_size:
+    raise ValueError(
+        f'image size {height}x{width} is not divisible by patch size '
+        f'{patch_size}')
+
+
+def posemb_sincos_1d(width: int, positions: np.ndarray) -> np.ndarray:
+  omega = np.arange(width // 2, dtype=np.float64) / (width / 2.0)
+  omega = 1.0 / 10000**omega
+  angles = np.einsum('m,d->md', positions.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def posemb_sincos_2d(grid: tuple[int, int], width: int,
+                     cls_token: bool = True) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding, (1 + gh*gw, width) if cls_token.
+
+  Reference MAE axis order: the first half of the channels encodes the column
+  (w) coordinate, the second half the row (h) coordinate.
+  """
+  if width % 4:
+    raise ValueError(f'sin-cos position embedding needs width % 4 == 0, '
+                     f'got {width}')
+  gh, gw = grid
+  rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing='ij')
+  emb = np.concatenate([posemb_sincos_1d(width // 2, cols),
+                        posemb_sincos_1d(width // 2, rows)], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros((1, width)), emb], axis=0)
+  return emb.astype(np.float32)
+
+
+def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
+  """x[b, ids[b, k], :] for every sample b."""
+  return jnp.take_along_axis(x, ids[..., None], axis=1)
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def drop_path(module: nn.Module, x, rate, active: bool):
+  """Stochastic depth: drops the whole residual branch per sample."""
+  if not active:
+    return x
+  keep = 1.0 - jnp.asarray(rate, x.dtype)
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  mask = jax.random.bernoulli(module.make_rng('dropout'), keep, shape)
+  return jnp.where(mask, x / keep, 0.0)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with separate q, k, v projections."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'width {width} not divisible by {self.num_heads} heads')
+    head_dim = width // self.num_heads
+    dense = functools.partial(
+        nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype,
+        kernel_init=logical(qkv_init, ('embed', 'heads', 'kv')),
+        bias_init=logical(nn.initializers.zeros, ('heads', 'kv')))
+    q, k, v = (dense(name=n)(x) for n in ('query', 'key', 'value'))
+    q = constrain(q, ('batch', 'length', 'heads', 'kv'))
+    out = jax.nn.dot_product_attention(q, k, v)
+    return nn.DenseGeneral(
+        width, axis=(-2, -1), dtype=self.dtype, name='out',
+        kernel_init=logical(xavier, ('heads', 'kv', 'embed')),
+        bias_init=logical(nn.initializers.zeros, ('embed',)))(out)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, name='fc1',
+                 kernel_init=logical(xavier, ('embed', 'mlp')),
+                 bias_init=logical(nn.initializers.zeros, ('mlp',)))(x)
+    x = nn.gelu(x, approximate=False)  # torch's nn.GELU default
+    x = constrain(x, ('batch', 'length', 'mlp'))
+    return nn.Dense(width, dtype=self.dtype, name='fc2',
+                    kernel_init=logical(xavier, ('mlp', 'embed')),
+                    bias_init=logical(nn.initializers.zeros, ('embed',)))(x)
+
+
+def layer_norm(name, eps, dtype):
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
+                      scale_init=logical(nn.initializers.ones, ('embed',)),
+                      bias_init=logical(nn.initializers.zeros, ('embed',)))
+
+
+class Block(nn.Module):
+  """Pre-norm Transformer block. Returns (tokens, tokens) so it can be scanned."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  norm_eps: float = 1e-6
+  use_drop_path: bool = False  # training with drop_path > 0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, drop_rate):
+    width = x.shape[-1]
+    drop = lambda y: drop_path(self, y, drop_rate, self.use_drop_path)
+    y = layer_norm('norm1', self.norm_eps, self.dtype)(x)
+    y = Attention(self.num_heads, self.dtype, name='attn')(y)
+    x = x + drop(y)
+    y = layer_norm('norm2', self.norm_eps, self.dtype)(x)
+    y = Mlp(int(width * self.mlp_ratio), self.dtype, name='mlp')(y)
+    x = x + drop(y)
+    x = constrain(x, ('batch', 'length', 'embed'))
+    return x, x
+
+
+class Transformer(nn.Module):
+  """A stack of blocks, unrolled (blocks_0, blocks_1, ...) or scanned (blocks).
+
+  Returns the final tokens and the output of every block, (depth, B, N, D).
+  """
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  norm_eps: float = 1e-6
+  drop_path: float = 0.0
+  scan: bool = False
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    rates = [self.drop_path * i / max(self.depth - 1, 1)
+             for i in range(self.depth)]
+    block = nn.remat(Block) if self.remat else Block
+    kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                  norm_eps=self.norm_eps,
+                  use_drop_path=train and self.drop_path > 0, dtype=self.dtype)
+    if self.scan:
+      stack = nn.scan(
+          block, variable_axes={'params': 0}, in_axes=0, length=self.depth,
+          split_rngs={'params': True, 'dropout': True},
+          metadata_params={nn.PARTITION_NAME: 'layers'})
+      rates = jnp.asarray(rates, jnp.float32)
+      return stack(**kwargs, name='blocks')(x, rates)
+    outputs = []
+    for i, rate in enumerate(rates):
+      x, _ = block(**kwargs, name=f'blocks_{i}')(x, rate)
+      outputs.append(x)
+    return x, jnp.stack(outputs)
+
+
+# ---------------------------------------------------------------- encoder
+
+
+class Encoder(nn.Module):
+  """ViT encoder over the visible patches: f_θ(x; visible ids).
+
+  Returns a dict with 'tokens' (B, 1 + K, D), cls first, after the final norm
+  (unless `final_norm` is False), and 'layers' (depth, B, 1 + K, D), the
+  output of every block.
+  """
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  norm_eps: float = 1e-6
+  drop_path: float = 0.0
+  posemb: str = 'sincos'  # or 'learn' (fine-tuned timm / official ViT)
+  final_norm: bool = True
+  scan: bool = False
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  def grid(self, images) -> tuple[int, int]:
+    _, h, w, _ = images.shape
+    check_patch_size(h, w, self.patch_size)
+    return h // self.patch_size, w // self.patch_size
+
+  @nn.compact
+  def __call__(self, images, ids_keep: jax.Array | None = None, *,
+               train: bool = False):
+    grid = self.grid(images)
+    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size,
+                padding='VALID', dtype=self.dtype, name='patch_embed',
+                kernel_init=logical(patch_init,
+                                    (None, None, 'channels', 'embed')),
+                bias_init=logical(nn.initializers.zeros, ('embed',)))(images)
+    b = x.shape[0]
+    x = x.reshape(b, -1, self.width)
+    if self.posemb == 'sincos':
+      pos = jnp.asarray(posemb_sincos_2d(grid, self.width))[None]
+    elif self.posemb == 'learn':
+      pos = self.param(
+          'pos_embed',
+          logical(lambda _, s: jnp.asarray(posemb_sincos_2d(grid, s[-1]))[None],
+                  (None, 'length', 'embed')),
+          (1, 1 + grid[0] * grid[1], self.width))
+      if pos.shape[1] != 1 + grid[0] * grid[1]:
+        raise ValueError(
+            f'learned position embedding has {pos.shape[1] - 1} patches but '
+            f'the image has {grid[0] * grid[1]}; interpolate it '
+            '(mimjax.convert.resize_posemb) when loading')
+    else:
+      raise ValueError(f"posemb must be 'sincos' or 'learn', got {self.posemb!r}")
+    x = x + pos[:, 1:].astype(x.dtype)
+    if ids_keep is not None:
+      x = gather_tokens(x, ids_keep)
+    cls = self.param('cls_token', logical(token_init, (None, None, 'embed')),
+                     (1, 1, self.width))
+    cls = jnp.broadcast_to(cls + pos[:, :1], (b, 1, self.width)).astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=1)
+    x = constrain(x, ('batch', 'length', 'embed'))
+    x, layers = Transformer(
+        self.depth, self.num_heads, self.mlp_ratio, self.norm_eps,
+        self.drop_path, self.scan, self.remat, self.dtype, name='transformer',
+    )(x, train=train)
+    if self.final_norm:
+      x = layer_norm('norm', self.norm_eps, self.dtype)(x)
+    return {'tokens': x, 'layers': layers}
