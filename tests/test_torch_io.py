@@ -341,3 +341,21 @@ def test_torch_safetensors_bf16(tmp_path, torch):
   got = load_state_dict(p)
   _check_torch({k: got[k] for k in sd}, sd)
   assert sorted(got) == sorted(sd)
+
+
+def test_torch_v3_dtypes_subclass_and_parameter(tmp_path, torch):
+  t = torch.randn(3)
+  t.foo = 'bar'  # a tensor with __dict__ pickles via _rebuild_from_type_v2
+  sd = {'u16': torch.arange(5).to(torch.uint16)[1:],  # _rebuild_tensor_v3
+        'sub': t, 'param': torch.nn.Parameter(torch.ones(2))}
+  p = tmp_path / 'v3.pth'
+  torch.save(sd, p)
+  got = load_state_dict(p)
+  assert got['u16'].dtype == np.uint16
+  np.testing.assert_array_equal(got['u16'], [1, 2, 3, 4])
+  np.testing.assert_array_equal(got['sub'], t.numpy())
+  np.testing.assert_array_equal(got['param'], [1.0, 1.0])
+  if hasattr(torch, 'float8_e4m3fn'):
+    torch.save({'f8': torch.ones(2).to(torch.float8_e4m3fn)}, p)
+    with pytest.raises(ValueError, match='float8'):
+      load_state_dict(p)

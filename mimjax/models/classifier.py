@@ -21,14 +21,20 @@ class Classifier(nn.Module):
   pool: str = 'gap'
   head_init_std: float = 2e-5
 
-  @nn.compact
-  def __call__(self, images, *, train: bool = False):
+  def __post_init__(self):
     if self.pool not in ('gap', 'cls'):
       raise ValueError(f"pool must be 'gap' or 'cls', got {self.pool!r}")
-    encoder = self.encoder.clone(final_norm=self.pool == 'cls', name='encoder')
-    tokens = encoder(images, train=train)['tokens']
+    # The final token norm exists only with the cls token ('gap' has fc_norm).
+    if self.encoder.final_norm != (self.pool == 'cls'):
+      object.__setattr__(self, 'encoder', self.encoder.clone(
+          final_norm=self.pool == 'cls'))
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    tokens = self.encoder(images, train=train)['tokens']
     if self.pool == 'gap':
-      feats = vit.layer_norm('fc_norm', encoder.norm_eps, jnp.float32)(
+      feats = vit.layer_norm('fc_norm', self.encoder.norm_eps, jnp.float32)(
           tokens[:, 1:].mean(axis=1))
     else:
       feats = tokens[:, 0]

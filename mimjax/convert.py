@@ -1,0 +1,263 @@
+"""Weight import: official MAE / timm ViT and HF ViTMAE state dicts -> mimjax.
+
+Three source layouts are understood (names after an optional 'module.'):
+- official MAE and timm: `blocks.{i}.attn.qkv`, `decoder_blocks.{i}...`,
+  `fc_norm`, `head` (pre-trained encoder, `*_full` with decoder, fine-tuned);
+- HF transformers `ViTMAEForPreTraining`, both the 4.x names
+  (`vit.encoder.layer.{i}.attention.attention.query`) and the 5.x names
+  (`vit.layers.{i}.attention.q_proj`).
+The result is a mimjax parameter tree with the parts the file holds:
+'encoder', 'decoder', 'fc_norm', 'head'. No torch needed (see torch_io).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+Params = dict[str, Any]
+
+# ------------------------------------------------------------ name tables
+# Each block-level source name maps to (mimjax path inside a block, kind).
+
+_MAE_BLOCK = {
+    'norm1': ('norm1', 'norm'), 'norm2': ('norm2', 'norm'),
+    'attn.qkv': ('attn', 'qkv'), 'attn.proj': ('attn/out', 'out'),
+    'mlp.fc1': ('mlp/fc1', 'dense'), 'mlp.fc2': ('mlp/fc2', 'dense'),
+}
+_HF_BLOCK = {
+    # transformers 4.x
+    'layernorm_before': ('norm1', 'norm'), 'layernorm_after': ('norm2', 'norm'),
+    'attention.attention.query': ('attn/query', 'q'),
+    'attention.attention.key': ('attn/key', 'q'),
+    'attention.attention.value': ('attn/value', 'q'),
+    'attention.output.dense': ('attn/out', 'out'),
+    'intermediate.dense': ('mlp/fc1', 'dense'),
+    'output.dense': ('mlp/fc2', 'dense'),
+    # transformers 5.x
+    'attention.q_proj': ('attn/query', 'q'), 'attention.k_proj': ('attn/key', 'q'),
+    'attention.v_proj': ('attn/value', 'q'), 'attention.o_proj': ('attn/out', 'out'),
+    'mlp.fc1': ('mlp/fc1', 'dense'), 'mlp.fc2': ('mlp/fc2', 'dense'),
+}
+# Top-level names: source -> (mimjax path, kind).
+_MAE_TOP = {
+    'cls_token': ('encoder/cls_token', 'raw'),
+    'pos_embed': ('encoder/pos_embed', 'raw'),
+    'patch_embed.proj': ('encoder/patch_embed', 'conv'),
+    'norm': ('encoder/norm', 'norm'),
+    'fc_norm': ('fc_norm', 'norm'),
+    'head': ('head', 'dense'),
+    'mask_token': ('decoder/mask_token', 'raw'),
+    'decoder_pos_embed': (None, 'raw'),  # fixed sin-cos, recomputed
+    'decoder_embed': ('decoder/embed', 'dense'),
+    'decoder_norm': ('decoder/norm', 'norm'),
+    'decoder_pred': ('decoder/pred', 'dense'),
+}
+_HF_TOP = {
+    'vit.embeddings.cls_token': ('encoder/cls_token', 'raw'),
+    'vit.embeddings.position_embeddings': (None, 'raw'),  # fixed sin-cos
+    'vit.embeddings.patch_embeddings.projection': ('encoder/patch_embed', 'conv'),
+    'vit.layernorm': ('encoder/norm', 'norm'),
+    'decoder.mask_token': ('decoder/mask_token', 'raw'),
+    'decoder.decoder_pos_embed': (None, 'raw'),
+    'decoder.decoder_embed': ('decoder/embed', 'dense'),
+    'decoder.decoder_norm': ('decoder/norm', 'norm'),
+    'decoder.decoder_pred': ('decoder/pred', 'dense'),
+}
+_MAE_BLOCK_RE = re.compile(r'^(decoder_blocks|blocks)\.(\d+)\.(.+)$')
+_HF_BLOCK_RE = re.compile(
+    r'^(vit\.encoder\.layer|vit\.layers|decoder\.decoder_layers)\.(\d+)\.(.+)$')
+
+
+def detect_format(state_dict: dict[str, np.ndarray]) -> str:
+  """'hf' for transformers ViTMAE names, 'mae' for official MAE / timm names."""
+  if any(k.startswith(('vit.', 'decoder.decoder_')) for k in state_dict):
+    return 'hf'
+  if any(k.startswith(('blocks.', 'patch_embed.')) for k in state_dict):
+    return 'mae'
+  raise ValueError('state dict has neither official MAE/timm nor HF ViTMAE '
+                   f'parameter names (first keys: {list(state_dict)[:3]})')
+
+
+def _convert(kind: str, suffix: str, value: np.ndarray, heads: int):
+  """Source tensor -> {mimjax leaf name: array} for one parameter."""
+  value = np.asarray(value, np.float32)
+  if kind == 'raw':
+    return {'': value}
+  if kind == 'norm':
+    return {{'weight': 'scale', 'bias': 'bias'}[suffix]: value}
+  if kind == 'conv':  # torch (D, C, p, p) -> flax (p, p, C, D)
+    return {'kernel' if suffix == 'weight' else 'bias':
+            value.transpose(2, 3, 1, 0) if suffix == 'weight' else value}
+  if kind == 'dense':
+    return {'kernel': value.T} if suffix == 'weight' else {'bias': value}
+  if kind == 'q':  # (D_out, D_in) -> (D_in, heads, head_dim)
+    if suffix == 'weight':
+      return {'kernel': value.T.reshape(value.shape[1], heads, -1)}
+    return {'bias': value.reshape(heads, -1)}
+  if kind == 'qkv':  # fused (3D, D) -> three (D, heads, head_dim)
+    out = {}
+    for name, part in zip(('query', 'key', 'value'), np.split(value, 3)):
+      for leaf, array in _convert('q', suffix, part, heads).items():
+        out[f'{name}/{leaf}'] = array
+    return out
+  if kind == 'out':  # (D, D_in) -> (heads, head_dim, D)
+    if suffix == 'weight':
+      return {'kernel': value.T.reshape(heads, -1, value.shape[0])}
+    return {'bias': value}
+  raise AssertionError(kind)
+
+
+def _set(tree: Params, path: str, value):
+  parts = [p for p in path.split('/') if p]
+  for p in parts[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[parts[-1]] = value
+
+
+def import_state_dict(state_dict: dict[str, np.ndarray], encoder_heads: int,
+                      decoder_heads: int | None = None,
+                      scan: bool = False) -> Params:
+  """Converts a torch-layout state dict into mimjax parameters (numpy)."""
+  state_dict = {k.removeprefix('module.'): v for k, v in state_dict.items()}
+  fmt = detect_format(state_dict)
+  top, block_names, block_re = ((_HF_TOP, _HF_BLOCK, _HF_BLOCK_RE)
+                                if fmt == 'hf' else
+                                (_MAE_TOP, _MAE_BLOCK, _MAE_BLOCK_RE))
+  params: Params = {}
+  for key, value in state_dict.items():
+    match = block_re.match(key)
+    if match:
+      stack, index, rest = match.groups()
+      module = 'decoder' if stack.startswith('decoder') else 'encoder'
+      heads = encoder_heads if module == 'encoder' else decoder_heads
+      name, _, suffix = rest.rpartition('.')
+      if name not in block_names:
+        raise ValueError(f'unknown block parameter {key!r}')
+      path, kind = block_names[name]
+      prefix = f'{module}/transformer/blocks_{index}/{path}'
+    else:
+      name, _, suffix = key.rpartition('.')
+      if key in top:  # tokens: no '.weight' suffix
+        name, suffix = key, ''
+      if name not in top:
+        raise ValueError(f'unknown parameter {key!r} in a {fmt} state dict')
+      prefix, kind = top[name]
+      heads = encoder_heads
+      if prefix is None:
+        continue
+    if kind in ('q', 'qkv', 'out') and heads is None:
+      raise ValueError(f'{key!r} needs the number of heads of its module')
+    for leaf, array in _convert(kind, suffix, value, heads).items():
+      _set(params, f'{prefix}/{leaf}', array)
+  if scan:
+    params = stack_blocks(params)
+  return params
+
+
+# ------------------------------------------------------------- layouts
+
+
+def stack_blocks(params: Params) -> Params:
+  """Unrolled blocks_0..blocks_{n-1} -> one scanned 'blocks' (layer axis 0)."""
+  def visit(tree):
+    if not isinstance(tree, dict):
+      return tree
+    names = sorted((k for k in tree if re.fullmatch(r'blocks_\d+', k)),
+                   key=lambda k: int(k.split('_')[1]))
+    out = {k: visit(v) for k, v in tree.items() if k not in names}
+    if names:
+      out['blocks'] = jax.tree.map(lambda *xs: np.stack(xs),
+                                   *[tree[n] for n in names])
+    return out
+  return visit(params)
+
+
+def unstack_blocks(params: Params) -> Params:
+  """Scanned 'blocks' (layer axis 0) -> unrolled blocks_0..blocks_{n-1}."""
+  def visit(tree):
+    if not isinstance(tree, dict):
+      return tree
+    out = {k: visit(v) for k, v in tree.items() if k != 'blocks'}
+    if 'blocks' in tree:
+      depth = jax.tree.leaves(tree['blocks'])[0].shape[0]
+      for i in range(depth):
+        out[f'blocks_{i}'] = jax.tree.map(lambda x: x[i], tree['blocks'])
+    return out
+  return visit(params)
+
+
+def resize_posemb(posemb: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+  """Learned (1, 1 + h*w, D) position embedding -> a new patch grid (bicubic)."""
+  cls, patches = posemb[:, :1], posemb[0, 1:]
+  old = int(round(np.sqrt(patches.shape[0])))
+  if old * old != patches.shape[0]:
+    raise ValueError(f'cannot resize a non-square grid of {patches.shape[0]}')
+  if (old, old) == tuple(grid):
+    return posemb
+  patches = patches.reshape(old, old, -1)
+  resized = jax.image.resize(patches, (*grid, patches.shape[-1]), 'bicubic')
+  return np.concatenate(
+      [cls, np.asarray(resized).reshape(1, -1, posemb.shape[-1])], axis=1)
+
+
+def check_compatible(expected: Params, loaded: Params, what: str = 'checkpoint'):
+  """Raises one line naming the first parameter whose presence or shape differs."""
+  flat_e = _flatten(nn.meta.unbox(expected))
+  flat_l = _flatten(nn.meta.unbox(loaded))
+  for path, leaf in flat_e.items():
+    if path not in flat_l:
+      raise ValueError(f'{what} lacks parameter {path} {tuple(leaf.shape)}')
+    if tuple(flat_l[path].shape) != tuple(leaf.shape):
+      raise ValueError(
+          f'{what} parameter {path} has shape {tuple(flat_l[path].shape)}, '
+          f'the model expects {tuple(leaf.shape)}')
+  extra = sorted(set(flat_l) - set(flat_e))
+  if extra:
+    raise ValueError(f'{what} has parameter {extra[0]} the model does not have')
+
+
+def _flatten(tree, prefix=''):
+  if not hasattr(tree, 'items'):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f'{prefix}/{k}' if prefix else k))
+  return out
+
+
+# ----------------------------------------------------------------- CLI
+
+
+def main(argv=None):
+  """mimjax-convert: a .pth / .safetensors checkpoint -> an orbax checkpoint."""
+  from mimjax import checkpoint, torch_io  # pylint: disable=g-import-not-at-top
+  from mimjax.models import vit  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument('source', help='mae_pretrain_vit_base.pth, a *_full '
+                      '.pth, a fine-tuned .pth, or an HF/timm state dict')
+  parser.add_argument('output', help='directory for the orbax checkpoint')
+  parser.add_argument('--model', default='B', help='ViT size: ' +
+                      ', '.join(vit.PRESETS))
+  parser.add_argument('--decoder_heads', type=int, default=16)
+  parser.add_argument('--scan', action='store_true',
+                      help='write stacked (scanned) block parameters')
+  args = parser.parse_args(argv)
+  state_dict = torch_io.load_state_dict(args.source)
+  heads = vit.preset(args.model)['num_heads']
+  params = import_state_dict(state_dict, heads, args.decoder_heads, args.scan)
+  checkpoint.save_params(args.output, params)
+  total = sum(x.size for x in jax.tree.leaves(params))
+  print(f'wrote {args.output}: {", ".join(sorted(params))} '
+        f'({total:,} parameters)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
