@@ -156,9 +156,27 @@ def import_state_dict(state_dict: dict[str, np.ndarray], encoder_heads: int,
       raise ValueError(f'{key!r} needs the number of heads of its module')
     for leaf, array in _convert(kind, suffix, value, heads).items():
       _set(params, f'{prefix}/{leaf}', array)
+  _drop_fixed_posemb(params)
   if scan:
     params = stack_blocks(params)
   return params
+
+
+def _drop_fixed_posemb(params: Params):
+  """Drops a stored position embedding that is just the fixed sin-cos table.
+
+  Pre-trained MAE checkpoints store their fixed table (mimjax recomputes it);
+  fine-tuned ones store a learned embedding, which is kept.
+  """
+  from mimjax.models import vit  # pylint: disable=g-import-not-at-top
+  posemb = params.get('encoder', {}).get('pos_embed')
+  if posemb is None:
+    return
+  side = int(round(np.sqrt(posemb.shape[1] - 1)))
+  if side * side == posemb.shape[1] - 1:
+    fixed = vit.posemb_sincos_2d((side, side), posemb.shape[-1])[None]
+    if np.allclose(posemb, fixed, atol=1e-4):
+      del params['encoder']['pos_embed']
 
 
 # ------------------------------------------------------------- layouts

@@ -76,10 +76,10 @@ def siamese(norm_pix: bool = True, inner_steps: int = 1, inner_lr: float = 0.1,
         return masked_mse(pred_b, pixels, view_a.mask)
 
       phi = ctx.decoder_params()
-      phi = phi if unroll else sg(phi)
       for _ in range(inner_steps):
         grads = jax.grad(inner_loss)(phi)
         phi = jax.tree.map(lambda p, g: p - inner_lr * g, phi, grads)
+      phi = phi if unroll else sg(phi)
       target = ctx.decoder_apply(phi, z_b, view_b)
       aux['inner_loss'] = inner_loss(sg(phi))
     return masked_mse(pred_a, target, view_a.mask), aux

@@ -14,7 +14,8 @@ Dtype = Any
 
 # name: (width, depth, heads). Patch size is a separate argument.
 PRESETS = {
-    'mu': (64, 2, 4),  # tiny CPU preset for tests and demos
+    'mu': (64, 2, 4),  # CPU presets for tests and demos
+    'nano': (128, 4, 4),
     'Ti': (192, 12, 3),
     'S': (384, 12, 6),
     'M': (512, 8, 8),  # small CPU demo preset

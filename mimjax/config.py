@@ -1,0 +1,91 @@
+"""The config schema every recipe in configs/ fills in, and its validation."""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from mimjax import masking, objectives, sharding
+from mimjax.models import vit
+
+MODES = ('pretrain', 'finetune', 'linprobe', 'eval', 'pipeline')
+
+
+def data_config(**overrides) -> mlc.ConfigDict:
+  c = mlc.ConfigDict(dict(
+      name='digits', data_dir=mlc.placeholder(str), image_size=32,
+      train_split='train', eval_split='test', one_image_path='',
+      prepare=True, shuffle_buffer=10_000, randaug=True, erase_prob=0.25))
+  c.update(overrides)
+  return c
+
+
+def base_config() -> mlc.ConfigDict:
+  """Every key a recipe may set, with the reference MAE ViT-B/16 values."""
+  c = mlc.ConfigDict()
+  c.mode = 'pipeline'
+  c.seed = 0
+  c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the rest
+  c.sharding_rules = mlc.placeholder(list)  # None: sharding.DEFAULT_RULES
+  c.data = data_config()
+  c.model = mlc.ConfigDict(dict(
+      size='B', patch_size=16, norm_eps=1e-6, scan=False, remat=False,
+      dtype='float32'))
+
+  c.pretrain = mlc.ConfigDict(dict(
+      data=data_config(),  # what is pre-trained on
+      objective='mae', objective_kwargs=mlc.ConfigDict(dict(norm_pix=True)),
+      mask='random', mask_ratio=0.75,
+      decoder=mlc.ConfigDict(dict(width=512, depth=8, num_heads=16,
+                                  out_dim=0)),  # 0: pixel head p*p*C
+      batch_size=4096, epochs=800, steps=0, warmup_epochs=40, warmup_steps=0,
+      base_lr=1.5e-4, min_lr=0.0, weight_decay=0.05, b2=0.95, clip_norm=0.0,
+      accumulate=1, knn_every=0, knn_k=20, knn_examples=1024,
+      recon_every=0))
+  c.finetune = mlc.ConfigDict(dict(
+      init='', batch_size=1024, epochs=100, steps=0, warmup_epochs=5,
+      warmup_steps=0, base_lr=5e-4, min_lr=1e-6, layer_decay=0.65,
+      weight_decay=0.05, b2=0.999, drop_path=0.1, label_smoothing=0.1,
+      mixup=0.8, cutmix=1.0, clip_norm=0.0, accumulate=1, pool='gap',
+      eval_every=0, scratch_baseline=False))
+  c.linprobe = mlc.ConfigDict(dict(
+      init='', batch_size=16384, epochs=90, steps=0, warmup_epochs=10,
+      warmup_steps=0, base_lr=0.1, min_lr=0.0, weight_decay=0.0,
+      eval_every=0, enabled=True))
+  c.eval_batch_size = 1024
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.reference = mlc.ConfigDict()  # the paper's numbers, for the summary
+  return c
+
+
+def validate(config: mlc.ConfigDict, num_devices: int):
+  """One clear line per impossible value, raised before anything compiles."""
+  if config.mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}, got {config.mode!r}')
+  mesh = sharding.mesh_shape(config.mesh, num_devices)
+  data_parallel = mesh[0] * mesh[1]
+  vit.preset(config.model.size)
+  width, _, heads = vit.PRESETS[config.model.size]
+  if width % mesh[2] or heads % mesh[2]:
+    raise ValueError(f'tensor axis {mesh[2]} does not divide the {heads} '
+                     f'heads and width {width} of ViT-{config.model.size}')
+  p = config.model.patch_size
+  for where, data in (('data', config.data), ('pretrain.data',
+                                              config.pretrain.data)):
+    if data.image_size % p:
+      raise ValueError(f'{where}.image_size {data.image_size} is not '
+                       f'divisible by model.patch_size {p}')
+  masking.check_ratio(config.pretrain.mask_ratio)
+  if config.pretrain.objective not in objectives.REGISTRY:
+    raise ValueError(f'unknown pretrain.objective '
+                     f'{config.pretrain.objective!r}; known: '
+                     f'{sorted(objectives.REGISTRY)}')
+  for stage in ('pretrain', 'finetune', 'linprobe'):
+    batch = config[stage].batch_size
+    if batch % data_parallel:
+      raise ValueError(f'{stage}.batch_size {batch} is not divisible by the '
+                       f'data-parallel size {data_parallel} (mesh {mesh})')
+  if config.eval_batch_size % data_parallel:
+    raise ValueError(f'eval_batch_size {config.eval_batch_size} is not '
+                     f'divisible by the data-parallel size {data_parallel}')

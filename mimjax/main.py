@@ -1,0 +1,104 @@
+"""mimjax entry point: pre-train, fine-tune, linear-probe or all of it.
+
+  python -m mimjax.main --config=configs/demo.py --workdir=/tmp/demo
+  python -m mimjax.main --config=configs/mae_pretrain.py:B \
+      --config.pretrain.batch_size=256 --workdir=gs://bucket/run
+"""
+
+from __future__ import annotations
+
+import json
+import logging as pylogging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where everything is written.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, "mode=eval: the fine-tuning run's checkpoints dir.")
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage)
+
+
+def run(config, workdir: str, checkpoint_path: str | None = None) -> list[dict]:
+  """Runs the configured mode; returns one summary dict per stage."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mimjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mimjax.training import trainers  # pylint: disable=g-import-not-at-top
+  config_lib.validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
+  pretrained = os.path.join(stage_dir(workdir, 'pretrain'), 'checkpoints')
+  summaries = []
+  mode = config.mode
+  if mode in ('pretrain', 'pipeline'):
+    summaries.append(trainers.pretrain(config, stage_dir(workdir,
+                                                         'pretrain'))[1])
+  if mode in ('finetune', 'pipeline'):
+    init = config.finetune.init or (pretrained if mode == 'pipeline' else '')
+    summaries.append(_tagged(trainers.finetune(
+        config, stage_dir(workdir, 'finetune'), init or None)[1],
+                             init or 'random init'))
+    if config.finetune.scratch_baseline:
+      summaries.append(_tagged(trainers.finetune(
+          config, stage_dir(workdir, 'finetune_scratch'), None)[1],
+                               'random init'))
+  if mode == 'linprobe' or (mode == 'pipeline' and config.linprobe.enabled):
+    init = config.linprobe.init or pretrained
+    summaries.append(_tagged(trainers.linprobe(
+        config, stage_dir(workdir, 'linprobe'), init)[1], init))
+  if mode == 'eval':
+    path = checkpoint_path or os.path.join(stage_dir(workdir, 'finetune'),
+                                           'checkpoints')
+    summaries.append({'stage': 'eval', **trainers.evaluate(config, path)})
+  if jax.process_index() == 0:
+    print(summary_table(summaries, config))
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summaries, f, indent=1)
+  return summaries
+
+
+def _tagged(summary: dict, init: str) -> dict:
+  return {**summary, 'init': init}
+
+
+def summary_table(summaries: list[dict], config) -> str:
+  """A short table of what each stage measured."""
+  keys = ('loss', 'knn_top1', 'top1', 'top5', 'steps', 'train_seconds')
+  lines = [f'{"stage":<18} {"init":<28} ' + ' '.join(f'{k:>13}' for k in keys)]
+  for s in summaries:
+    init = os.path.basename(os.path.dirname(str(s.get('init', ''))).rstrip(
+        '/')) + '/' if '/' in str(s.get('init', '')) else str(s.get('init', '-'))
+    cells = []
+    for k in keys:
+      v = s.get(k)
+      cells.append(f'{v:>13.4f}' if isinstance(v, float) else f'{str(v if v is not None else "-"):>13}')
+    lines.append(f'{s["stage"]:<18} {init[:28]:<28} ' + ' '.join(cells))
+  if config.reference:
+    lines.append(f'reference (paper): {config.reference.to_dict()}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError('--config and --workdir are required')
+  logging.set_verbosity(logging.INFO)
+  pylogging.getLogger('absl').setLevel(pylogging.INFO)
+  try:
+    run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    print(f'mimjax: error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,111 @@
+"""The training loop shared by every mode: resume, log, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from mimjax import checkpoint, sharding
+
+
+class NonFiniteError(FloatingPointError):
+  """A step produced a non-finite loss or gradient."""
+
+
+def _scalars(metrics) -> dict[str, float]:
+  return {k: float(v) for k, v in metrics.items()
+          if np.ndim(v) == 0 and k != 'finite'}
+
+
+def train_loop(*, name: str, workdir: str, state, shardings, train_step,
+               batches: Callable[[int], Iterator[dict]], total_steps: int,
+               mesh, lr_schedule=None, eval_fn=None, eval_every: int = 0,
+               log_every: int = 50, checkpoint_every: int = 1000,
+               keep_checkpoints: int = 3, score_key: str | None = None,
+               on_eval: Callable | None = None, meta: dict | None = None):
+  """Runs (or resumes) `total_steps` steps; returns (state, summary dict).
+
+  `batches(start_step)` yields this process's rows of each global batch from
+  `start_step` on; `eval_fn(state) -> dict` runs every `eval_every` steps
+  and at the end. Checkpoints keep the last `keep_checkpoints` (and the best
+  by `score_key`). A non-finite step leaves the state unchanged and stops
+  the run at the next check with the step and the last finite metrics.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                 keep=keep_checkpoints,
+                                 keep_best=score_key is not None)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, collection=name)
+  start = ckpts.latest_step() or 0
+  if start:
+    state, _ = ckpts.restore(start, checkpoint.abstract_like(state, shardings))
+    logging.info('%s: resumed from step %d in %s', name, start, workdir)
+  else:
+    parameter_overview.log_parameter_overview(state.params)
+  progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_steps=log_every)
+  summary = {'stage': name, 'steps': total_steps}
+  last_finite: dict[str, float] = {}
+  first_bad = jnp.int32(-1)
+  started = time.time()
+  data = batches(start) if start < total_steps else iter(())
+
+  def check(step, metrics):
+    nonlocal last_finite
+    bad = int(first_bad)
+    if bad >= 0:
+      ckpts.wait()
+      raise NonFiniteError(
+          f'{name}: non-finite loss or gradient at step {bad}; last finite '
+          f'metrics {last_finite}; last good checkpoint: step '
+          f'{ckpts.latest_step()} in {ckpts.directory} (intact)')
+    last_finite = {'step': step, **_scalars(metrics)}
+
+  for step in range(start + 1, total_steps + 1):
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      batch = sharding.global_batch(next(data), mesh)
+      state, metrics = train_step(state, batch)
+    first_bad = jnp.where((first_bad < 0) & ~metrics['finite'], step - 1,
+                          first_bad)
+    progress(step)
+    is_last = step == total_steps
+    if step % log_every == 0 or is_last or step % checkpoint_every == 0:
+      metrics = jax.device_get(metrics)
+      check(step, metrics)
+      scalars = _scalars(metrics)
+      if lr_schedule is not None:
+        scalars['lr'] = float(lr_schedule(step - 1))
+      writer.write_scalars(step, scalars)
+    if eval_fn is not None and (is_last or (eval_every and
+                                            step % eval_every == 0)):
+      results = eval_fn(state)
+      writer.write_scalars(step, results)
+      logging.info('%s step %d eval: %s', name, step, results)
+      summary.update(results)
+      if score_key is not None:
+        ckpts.save_best(step, state, results[score_key])
+      if on_eval is not None:
+        on_eval(step, state, writer)
+    if step % checkpoint_every == 0 or is_last:
+      ckpts.save(step, state, {'step': step, 'data_position': step,
+                               **(meta or {})}, force=is_last)
+  ckpts.close()
+  writer.flush()
+  if start < total_steps:
+    summary.update({k: v for k, v in last_finite.items() if k != 'step'})
+    summary['train_seconds'] = round(time.time() - started, 1)
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=1)
+  elif os.path.exists(os.path.join(workdir, 'summary.json')):
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      summary = json.load(f)
+  return state, summary

@@ -1,0 +1,107 @@
+"""Train state, created directly sharded on the mesh, and the jitted step."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from mimjax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw key data, so it checkpoints as a plain array
+  extra: Any = None  # e.g. BatchNorm statistics of the linear probe
+
+  def step_rng(self) -> jax.Array:
+    """A key for this step: a pure function of (seed, step), so resumes match."""
+    return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
+
+def create(init_variables: Callable[[jax.Array], dict], tx: optax.GradientTransformation,
+           seed: int, mesh, rules, params_override=None):
+  """Initialises a TrainState on the mesh; returns (state, state_shardings).
+
+  `init_variables(key)` returns flax variables with logically partitioned
+  parameters; nothing is materialised whole on one device.
+  `params_override`, a (partial) tree of arrays, replaces those parameters
+  (e.g. a pre-trained encoder) inside the same jitted initialisation.
+  """
+  def init(key):
+    variables = init_variables(key)
+    params = variables['params']
+    extra = {k: v for k, v in variables.items() if k != 'params'} or None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed + 1)),
+                      extra=extra)
+
+  key = jax.random.key(seed)
+  with mesh, nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(init, key)
+    shardings = sharding.tree_shardings(abstract, mesh, rules)
+
+    def init_unboxed(key, override):
+      state = nn.meta.unbox(init(key))
+      if override is not None:
+        params = merge(state.params, override)
+        state = state.replace(params=params, opt_state=tx.init(params))
+      return state
+
+    state = jax.jit(init_unboxed, out_shardings=shardings)(key, params_override)
+  return state, shardings
+
+
+def merge(params, override):
+  """`params` with the leaves that `override` has replaced (same dtypes)."""
+  if not isinstance(override, dict):
+    return jnp.asarray(override, params.dtype)
+  return {k: merge(v, override[k]) if k in override else v
+          for k, v in params.items()}
+
+
+def apply_if_finite(state: TrainState, new_state: TrainState, finite):
+  """Keeps the old state when the step produced a non-finite loss or gradient."""
+  return jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                      new_state, state)
+
+
+def make_train_step(loss_fn, tx, shardings, mesh, rules):
+  """jit(step) with explicit shardings; the state buffer is donated.
+
+  loss_fn(params, extra, batch, rng) -> (loss, (metrics, new_extra)).
+  """
+  def step(state: TrainState, batch):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (metrics, extra)), grads = grad_fn(
+        state.params, state.extra, batch, state.step_rng())
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state, extra=extra)
+    new_state = apply_if_finite(state.replace(step=state.step + 1),
+                                new_state, finite)
+    metrics = {**metrics, 'loss': loss, 'grad_norm': grad_norm,
+               'finite': finite}
+    return new_state, metrics
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, sharding.replicated(mesh)),
+                   donate_argnums=0)
+
+  def run(state, batch):
+    with mesh, nn.logical_axis_rules(rules):
+      return jitted(state, batch)
+  run.jitted = jitted
+  return run

@@ -1,0 +1,558 @@
+"""Tests for mimjax.convert: state-dict import, layouts, shape checks, the CLI.
+
+State dicts are built here from numpy arrays of the right shapes by writing
+the inverse of the conversion (mimjax tree -> official MAE / HF names), so
+none of this needs torch; only the `torch.save` CLI case does.
+"""
+
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from mimjax import checkpoint, convert, masking, mim, objectives, torch_io
+from mimjax.models import Classifier, Decoder, Encoder, posemb_sincos_2d
+from mimjax.models import vit
+
+# Matches the 'mu' preset (width 64, depth 2, heads 4), 32x32 images, p=4.
+WIDTH, DEPTH, HEADS, PATCH, SIZE = 64, 2, 4, 4, 32
+DEC_WIDTH, DEC_DEPTH, DEC_HEADS = 32, 2, 4
+GRID = (SIZE // PATCH, SIZE // PATCH)
+NUM_CLASSES = 10
+IMAGES = np.zeros((1, SIZE, SIZE, 3), np.float32)
+RNGS = {'params': jax.random.key(0), 'mask': jax.random.key(1)}
+
+
+def encoder(**kw):
+  return Encoder(patch_size=PATCH, width=WIDTH, depth=DEPTH, num_heads=HEADS,
+                 **kw)
+
+
+def mae_model(scan=False, posemb='sincos'):
+  dec = Decoder(out_dim=PATCH * PATCH * 3, width=DEC_WIDTH, depth=DEC_DEPTH,
+                num_heads=DEC_HEADS, scan=scan)
+  return mim.MIM(encoder(scan=scan, posemb=posemb), dec, masking.random(0.75),
+                 objectives.mae())
+
+
+def mae_shapes(scan=False, posemb='sincos'):
+  return jax.eval_shape(mae_model(scan, posemb).init, RNGS, IMAGES)['params']
+
+
+def classifier_shapes(scan=False):
+  model = Classifier(encoder(posemb='learn', scan=scan), NUM_CLASSES,
+                     pool='gap')
+  return jax.eval_shape(model.init, RNGS, IMAGES)['params']
+
+
+def random_like(shapes, seed=0):
+  """Distinct random float32 values in the shapes of a (boxed) param tree."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda s: rng.standard_normal(s.shape).astype(np.float32),
+      nn.meta.unbox(shapes))
+
+
+def assert_trees_equal(actual, expected):
+  assert (jax.tree_util.tree_structure(actual) ==
+          jax.tree_util.tree_structure(expected))
+  flat_a = convert._flatten(actual)  # pylint: disable=protected-access
+  flat_e = convert._flatten(expected)  # pylint: disable=protected-access
+  assert sorted(flat_a) == sorted(flat_e)
+  for path, value in flat_e.items():
+    np.testing.assert_array_equal(np.asarray(flat_a[path]), value,
+                                  err_msg=path)
+
+
+# ------------------------------------------ inverse mapping: mimjax -> torch
+
+
+def _linear(sd, name, dense):
+  sd[f'{name}.weight'] = np.ascontiguousarray(dense['kernel'].T)
+  sd[f'{name}.bias'] = dense['bias']
+
+
+def _norm(sd, name, norm):
+  sd[f'{name}.weight'] = norm['scale']
+  sd[f'{name}.bias'] = norm['bias']
+
+
+def _mae_block(sd, prefix, block):
+  """One mimjax block -> official MAE / timm names (q, k, v fused to qkv)."""
+  attn = block['attn']
+  width = attn['query']['kernel'].shape[0]
+  _norm(sd, f'{prefix}.norm1', block['norm1'])
+  _norm(sd, f'{prefix}.norm2', block['norm2'])
+  sd[f'{prefix}.attn.qkv.weight'] = np.concatenate(
+      [attn[n]['kernel'].reshape(width, width).T
+       for n in ('query', 'key', 'value')], axis=0)
+  sd[f'{prefix}.attn.qkv.bias'] = np.concatenate(
+      [attn[n]['bias'].reshape(-1) for n in ('query', 'key', 'value')])
+  sd[f'{prefix}.attn.proj.weight'] = np.ascontiguousarray(
+      attn['out']['kernel'].reshape(width, width).T)
+  sd[f'{prefix}.attn.proj.bias'] = attn['out']['bias']
+  _linear(sd, f'{prefix}.mlp.fc1', block['mlp']['fc1'])
+  _linear(sd, f'{prefix}.mlp.fc2', block['mlp']['fc2'])
+
+
+def to_mae_state_dict(params, grid=GRID):
+  """A mimjax tree -> an official-MAE-named state dict (numpy)."""
+  sd = {}
+  enc = params['encoder']
+  width = enc['cls_token'].shape[-1]
+  sd['cls_token'] = enc['cls_token']
+  sd['pos_embed'] = enc.get('pos_embed',
+                            posemb_sincos_2d(grid, width)[None])
+  sd['patch_embed.proj.weight'] = np.ascontiguousarray(
+      enc['patch_embed']['kernel'].transpose(3, 2, 0, 1))
+  sd['patch_embed.proj.bias'] = enc['patch_embed']['bias']
+  blocks = enc['transformer']
+  for i in range(len(blocks)):
+    _mae_block(sd, f'blocks.{i}', blocks[f'blocks_{i}'])
+  if 'norm' in enc:
+    _norm(sd, 'norm', enc['norm'])
+  if 'fc_norm' in params:
+    _norm(sd, 'fc_norm', params['fc_norm'])
+  if 'head' in params:
+    _linear(sd, 'head', params['head'])
+  if 'decoder' in params:
+    dec = params['decoder']
+    sd['mask_token'] = dec['mask_token']
+    sd['decoder_pos_embed'] = posemb_sincos_2d(
+        grid, dec['mask_token'].shape[-1])[None]
+    _linear(sd, 'decoder_embed', dec['embed'])
+    for i in range(len(dec['transformer'])):
+      _mae_block(sd, f'decoder_blocks.{i}', dec['transformer'][f'blocks_{i}'])
+    _norm(sd, 'decoder_norm', dec['norm'])
+    _linear(sd, 'decoder_pred', dec['pred'])
+  return sd
+
+
+# Official block names -> HF transformers 4.x and 5.x block names.
+_HF4_BLOCK = {'norm1': 'layernorm_before', 'norm2': 'layernorm_after',
+              'attn.proj': 'attention.output.dense',
+              'mlp.fc1': 'intermediate.dense', 'mlp.fc2': 'output.dense'}
+_HF4_QKV = ('attention.attention.query', 'attention.attention.key',
+            'attention.attention.value')
+_HF5_BLOCK = {'norm1': 'layernorm_before', 'norm2': 'layernorm_after',
+              'attn.proj': 'attention.o_proj',
+              'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2'}
+_HF5_QKV = ('attention.q_proj', 'attention.k_proj', 'attention.v_proj')
+_HF_TOP = {'cls_token': 'vit.embeddings.cls_token',
+           'pos_embed': 'vit.embeddings.position_embeddings',
+           'patch_embed.proj': 'vit.embeddings.patch_embeddings.projection',
+           'norm': 'vit.layernorm', 'mask_token': 'decoder.mask_token',
+           'decoder_pos_embed': 'decoder.decoder_pos_embed',
+           'decoder_embed': 'decoder.decoder_embed',
+           'decoder_norm': 'decoder.decoder_norm',
+           'decoder_pred': 'decoder.decoder_pred'}
+
+
+def to_hf_state_dict(mae_sd, version):
+  """Renames an official-MAE state dict to HF ViTMAE names (4 or 5)."""
+  block_names, qkv_names, encoder_stack = {
+      4: (_HF4_BLOCK, _HF4_QKV, 'vit.encoder.layer'),
+      5: (_HF5_BLOCK, _HF5_QKV, 'vit.layers')}[version]
+  out = {}
+  for key, value in mae_sd.items():
+    if key.startswith(('blocks.', 'decoder_blocks.')):
+      stack, index, rest = key.split('.', 2)
+      stack = encoder_stack if stack == 'blocks' else 'decoder.decoder_layers'
+      name, suffix = rest.rsplit('.', 1)
+      if name == 'attn.qkv':
+        for part, qkv_name in zip(np.split(value, 3), qkv_names):
+          out[f'{stack}.{index}.{qkv_name}.{suffix}'] = part
+      else:
+        out[f'{stack}.{index}.{block_names[name]}.{suffix}'] = value
+    elif key in _HF_TOP:
+      out[_HF_TOP[key]] = value
+    else:
+      name, suffix = key.rsplit('.', 1)
+      out[f'{_HF_TOP[name]}.{suffix}'] = value
+  return out
+
+
+@pytest.fixture(scope='module')
+def mae_params():
+  """Random params of the tiny MIM model with a learned encoder posemb slot."""
+  return random_like(mae_shapes(posemb='learn'))
+
+
+@pytest.fixture(scope='module')
+def mae_sd(mae_params):
+  return to_mae_state_dict(mae_params)
+
+
+# ---------------------------------------------------- official MAE layout
+
+
+def test_official_mae_full_matches_model_and_round_trips(mae_params, mae_sd):
+  assert 'blocks.1.attn.qkv.weight' in mae_sd
+  assert mae_sd['blocks.1.attn.qkv.weight'].shape == (3 * WIDTH, WIDTH)
+  assert mae_sd['decoder_blocks.1.attn.qkv.weight'].shape == (
+      3 * DEC_WIDTH, DEC_WIDTH)
+  params = convert.import_state_dict(mae_sd, HEADS, DEC_HEADS)
+  assert sorted(params) == ['decoder', 'encoder']
+  # The official MAE dict stores its (fixed) encoder pos_embed; a model with
+  # a learned position embedding takes it.
+  convert.check_compatible(mae_shapes(posemb='learn'), params)
+  # Fused qkv split into q, k, v per head, and everything else, exactly.
+  assert_trees_equal(params, mae_params)
+  np.testing.assert_array_equal(
+      params['encoder']['transformer']['blocks_0']['attn']['key']['kernel'],
+      mae_sd['blocks.0.attn.qkv.weight'][WIDTH:2 * WIDTH].T.reshape(
+          WIDTH, HEADS, WIDTH // HEADS))
+
+
+def test_official_mae_decoder_pos_embed_is_not_imported(mae_sd):
+  params = convert.import_state_dict(mae_sd, HEADS, DEC_HEADS)
+  assert 'pos_embed' not in params['decoder']
+  # It is recomputed: mimjax's own sin-cos table is the one the file holds.
+  np.testing.assert_allclose(posemb_sincos_2d(GRID, DEC_WIDTH)[None],
+                             mae_sd['decoder_pos_embed'], atol=1e-7)
+
+
+def test_official_mae_fits_default_sincos_model(mae_sd):
+  # A pre-training release stores the fixed sin-cos table: it is dropped.
+  mae_sd = {**mae_sd, 'pos_embed': posemb_sincos_2d(GRID, WIDTH)[None]}
+  params = convert.import_state_dict(mae_sd, HEADS, DEC_HEADS)
+  convert.check_compatible(mae_shapes(), params)
+  # A learned (fine-tuned) embedding is kept.
+  mae_sd['pos_embed'] = mae_sd['pos_embed'] + 0.01
+  params = convert.import_state_dict(mae_sd, HEADS, DEC_HEADS)
+  assert params['encoder']['pos_embed'].shape == (1, GRID[0] * GRID[1] + 1,
+                                                  WIDTH)
+
+
+def test_fused_qkv_split_matches_torch_attention(mae_sd):
+  """The converted block computes what timm's fused-qkv attention computes."""
+  params = convert.import_state_dict(mae_sd, HEADS, DEC_HEADS)
+  block = params['encoder']['transformer']['blocks_1']['attn']
+  x = np.random.default_rng(3).standard_normal((2, 5, WIDTH)).astype(
+      np.float32)
+  # timm Attention.forward, in numpy.
+  w, b = mae_sd['blocks.1.attn.qkv.weight'], mae_sd['blocks.1.attn.qkv.bias']
+  qkv = (x @ w.T + b).reshape(2, 5, 3, HEADS, -1).transpose(2, 0, 3, 1, 4)
+  q, k, v = qkv
+  logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(WIDTH // HEADS)
+  attn = np.exp(logits - logits.max(-1, keepdims=True))
+  attn /= attn.sum(-1, keepdims=True)
+  y = (attn @ v).transpose(0, 2, 1, 3).reshape(2, 5, WIDTH)
+  expected = (y @ mae_sd['blocks.1.attn.proj.weight'].T
+              + mae_sd['blocks.1.attn.proj.bias'])
+  actual = vit.Attention(HEADS).apply({'params': block}, x)
+  # Unscaled random weights give outputs of size ~50: float32 tolerance.
+  np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_module_prefix_is_stripped(mae_sd):
+  plain = convert.import_state_dict(mae_sd, HEADS, DEC_HEADS)
+  prefixed = convert.import_state_dict(
+      {f'module.{k}': v for k, v in mae_sd.items()}, HEADS, DEC_HEADS)
+  assert_trees_equal(prefixed, plain)
+
+
+def test_pretrained_encoder_only_dict(mae_params, mae_sd):
+  encoder_sd = {k: v for k, v in mae_sd.items()
+                if not k.startswith(('decoder', 'mask_token'))}
+  params = convert.import_state_dict(encoder_sd, HEADS)  # no decoder heads
+  assert list(params) == ['encoder']
+  assert_trees_equal(params['encoder'], mae_params['encoder'])
+
+
+def test_finetuned_dict_converts_to_classifier():
+  expected = classifier_shapes()
+  assert sorted(expected) == ['encoder', 'fc_norm', 'head']
+  assert 'norm' not in expected['encoder']  # 'gap' pool: fc_norm, no norm
+  values = random_like(expected, seed=1)
+  sd = to_mae_state_dict(values)
+  assert {'fc_norm.weight', 'head.weight', 'pos_embed'} <= set(sd)
+  assert 'norm.weight' not in sd
+  params = convert.import_state_dict(sd, HEADS)
+  convert.check_compatible(expected, params)
+  assert_trees_equal(params, values)
+  # ... and the classifier runs on it.
+  logits, _ = Classifier(encoder(posemb='learn'), NUM_CLASSES).apply(
+      {'params': params}, IMAGES)
+  assert logits.shape == (1, NUM_CLASSES)
+
+
+def test_missing_heads_for_a_fused_attention_raise(mae_sd):
+  with pytest.raises(ValueError, match=r"'decoder_blocks\.0\.attn\.qkv\..*"
+                     r'needs the number of heads'):
+    convert.import_state_dict(mae_sd, HEADS)  # decoder_heads missing
+
+
+# ------------------------------------------------------------ HF layouts
+
+
+def test_hf_4x_and_5x_names_give_the_same_params(mae_sd):
+  hf4 = to_hf_state_dict(mae_sd, 4)
+  hf5 = to_hf_state_dict(mae_sd, 5)
+  assert 'vit.encoder.layer.1.attention.attention.query.weight' in hf4
+  assert 'vit.encoder.layer.0.attention.output.dense.bias' in hf4
+  assert 'decoder.decoder_layers.1.intermediate.dense.weight' in hf4
+  assert 'vit.layers.1.attention.q_proj.weight' in hf5
+  assert 'decoder.decoder_layers.0.attention.o_proj.weight' in hf5
+  assert convert.detect_format(hf4) == convert.detect_format(hf5) == 'hf'
+  from_hf4 = convert.import_state_dict(hf4, HEADS, DEC_HEADS)
+  from_hf5 = convert.import_state_dict(hf5, HEADS, DEC_HEADS)
+  assert_trees_equal(from_hf4, from_hf5)
+  # Same numbers as the official layout (HF's fixed position table dropped).
+  from_mae = convert.import_state_dict(mae_sd, HEADS, DEC_HEADS)
+  del from_mae['encoder']['pos_embed']
+  assert_trees_equal(from_hf5, from_mae)
+  convert.check_compatible(mae_shapes(), from_hf4)
+
+
+# --------------------------------------------------------- scanned layout
+
+
+def test_stack_unstack_round_trip_and_scan_model(mae_params, mae_sd):
+  stacked = convert.stack_blocks(mae_params)
+  for module, depth in (('encoder', DEPTH), ('decoder', DEC_DEPTH)):
+    transformer = stacked[module]['transformer']
+    assert list(transformer) == ['blocks']
+    assert transformer['blocks']['mlp']['fc1']['kernel'].shape[0] == depth
+    np.testing.assert_array_equal(
+        transformer['blocks']['attn']['query']['kernel'][1],
+        mae_params[module]['transformer']['blocks_1']['attn']['query'][
+            'kernel'])
+  convert.check_compatible(mae_shapes(scan=True, posemb='learn'), stacked)
+  assert_trees_equal(convert.unstack_blocks(stacked), mae_params)
+  # import_state_dict(scan=True) is the same as stacking afterwards.
+  assert_trees_equal(
+      convert.import_state_dict(mae_sd, HEADS, DEC_HEADS, scan=True), stacked)
+
+
+def test_stack_blocks_orders_by_index_not_name():
+  tree = {f'blocks_{i}': {'w': np.full((2,), i, np.float32)}
+          for i in (0, 10, 2, 1, 3, 4, 5, 6, 7, 8, 9, 11)}
+  stacked = convert.stack_blocks({'t': tree})['t']['blocks']['w']
+  np.testing.assert_array_equal(stacked[:, 0], np.arange(12))
+  assert_trees_equal(convert.unstack_blocks(
+      convert.stack_blocks({'t': tree})), {'t': tree})
+
+
+# ------------------------------------------------------- check_compatible
+
+
+def test_check_compatible_names_first_mismatch_with_both_shapes(mae_params):
+  expected = mae_shapes(posemb='learn')
+  loaded = jax.tree.map(lambda x: x, mae_params)
+  loaded['encoder']['transformer']['blocks_1']['mlp']['fc1']['kernel'] = (
+      np.zeros((WIDTH, 255), np.float32))
+  with pytest.raises(ValueError) as err:
+    convert.check_compatible(expected, loaded, 'my.pth')
+  assert str(err.value) == (
+      'my.pth parameter encoder/transformer/blocks_1/mlp/fc1/kernel has shape '
+      '(64, 255), the model expects (64, 256)')
+  # With two mismatches, exactly the first (in the model's order) is named.
+  loaded['encoder']['cls_token'] = np.zeros((1, 1, 3), np.float32)
+  with pytest.raises(ValueError) as err:
+    convert.check_compatible(expected, loaded)
+  first = next(p for p in convert._flatten(nn.meta.unbox(expected))  # pylint: disable=protected-access
+               if p in ('encoder/cls_token',
+                        'encoder/transformer/blocks_1/mlp/fc1/kernel'))
+  assert first in str(err.value)
+  assert '\n' not in str(err.value)
+
+
+def test_check_compatible_reports_missing_and_extra(mae_params):
+  expected = mae_shapes(posemb='learn')
+  missing = jax.tree.map(lambda x: x, mae_params)
+  del missing['decoder']['norm']['scale']
+  with pytest.raises(ValueError, match=r'^checkpoint lacks parameter '
+                     r'decoder/norm/scale \(32,\)$'):
+    convert.check_compatible(expected, missing)
+  extra = jax.tree.map(lambda x: x, mae_params)
+  extra['encoder']['extra'] = {'kernel': np.zeros((2, 2), np.float32)}
+  with pytest.raises(ValueError, match=r'^checkpoint has parameter '
+                     r'encoder/extra/kernel the model does not have$'):
+    convert.check_compatible(expected, extra)
+  convert.check_compatible(expected, mae_params)  # and the original passes
+
+
+# ------------------------------------------------------------ bad names
+
+
+@pytest.mark.parametrize('key', [
+    'blocks.0.attn.bogus.weight',  # unknown block parameter
+    'decoder_blocks.1.ls1.gamma',  # layer scale: not a MAE block
+    'dist_token',  # unknown top-level
+    'head_dist.weight',
+])
+def test_unknown_official_names_raise_naming_the_key(mae_sd, key):
+  sd = dict(mae_sd, **{key: np.zeros((4,), np.float32)})
+  with pytest.raises(ValueError, match=repr(key).replace('.', r'\.')):
+    convert.import_state_dict(sd, HEADS, DEC_HEADS)
+
+
+@pytest.mark.parametrize('key', [
+    'vit.encoder.layer.0.attention.attention.bogus.weight',
+    'vit.pooler.dense.weight',
+])
+def test_unknown_hf_names_raise_naming_the_key(mae_sd, key):
+  sd = dict(to_hf_state_dict(mae_sd, 4), **{key: np.zeros((4,), np.float32)})
+  with pytest.raises(ValueError, match=repr(key).replace('.', r'\.')):
+    convert.import_state_dict(sd, HEADS, DEC_HEADS)
+
+
+def test_dict_with_neither_layout_raises():
+  sd = {'encoder.weight': np.zeros((2, 2)), 'fc.bias': np.zeros(2)}
+  with pytest.raises(ValueError, match='neither official MAE/timm nor HF'):
+    convert.import_state_dict(sd, HEADS)
+  with pytest.raises(ValueError, match='neither'):
+    convert.import_state_dict({}, HEADS)
+
+
+# --------------------------------------------------------- resize_posemb
+
+
+def test_resize_posemb_same_grid_is_identity():
+  posemb = np.random.default_rng(0).standard_normal((1, 197, 8)).astype(
+      np.float32)
+  np.testing.assert_array_equal(convert.resize_posemb(posemb, (14, 14)),
+                                posemb)
+
+
+def test_resize_posemb_14_to_16_keeps_cls_row():
+  posemb = np.random.default_rng(0).standard_normal((1, 197, 8)).astype(
+      np.float32)
+  resized = np.asarray(convert.resize_posemb(posemb, (16, 16)))
+  assert resized.shape == (1, 257, 8)
+  np.testing.assert_array_equal(resized[:, 0], posemb[:, 0])
+  assert not np.allclose(resized[0, 1:17], posemb[0, 1:17])
+
+
+@pytest.mark.parametrize('grid', [(16, 16), (10, 10), (14, 16)])
+def test_resize_posemb_constant_stays_constant(grid):
+  posemb = np.full((1, 197, 6), 0.25, np.float32)
+  posemb[0, 0] = -1.0  # the cls row is carried over, not interpolated
+  resized = np.asarray(convert.resize_posemb(posemb, grid))
+  assert resized.shape == (1, 1 + grid[0] * grid[1], 6)
+  np.testing.assert_allclose(resized[0, 1:], 0.25, rtol=1e-6)
+  np.testing.assert_array_equal(resized[0, 0], -1.0)
+
+
+def test_resize_posemb_rejects_non_square_grid():
+  with pytest.raises(ValueError, match='non-square grid of 6'):
+    convert.resize_posemb(np.zeros((1, 7, 4), np.float32), (4, 4))
+
+
+# ------------------------------------------------------------------- CLI
+
+
+def _write_safetensors(path, tensors):
+  """The safetensors format by hand: u64 header length, JSON header, data."""
+  import json  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  header, blobs, offset = {}, [], 0
+  for name, value in tensors.items():
+    data = np.ascontiguousarray(value, '<f4').tobytes()
+    header[name] = {'dtype': 'F32', 'shape': list(np.shape(value)),
+                    'data_offsets': [offset, offset + len(data)]}
+    blobs.append(data)
+    offset += len(data)
+  text = json.dumps(header).encode()
+  with open(path, 'wb') as f:
+    f.write(struct.pack('<Q', len(text)) + text + b''.join(blobs))
+
+
+def _run_cli(src, out, *extra, capsys=None):
+  rc = convert.main([str(src), str(out), '--model', 'mu',
+                     '--decoder_heads', str(DEC_HEADS), *extra])
+  assert rc == 0
+  if capsys is not None:
+    printed = capsys.readouterr().out
+    assert printed.startswith(f'wrote {out}: decoder, encoder (')
+
+
+def test_mu_preset_is_the_tiny_config():
+  assert vit.preset('mu') == dict(width=WIDTH, depth=DEPTH, num_heads=HEADS)
+
+
+def test_cli_torch_save_file(tmp_path, mae_sd, capsys):
+  torch = pytest.importorskip('torch')
+  src = tmp_path / 'mae_visualize_vit_mu.pth'
+  torch.save({'model': {k: torch.from_numpy(np.array(v))
+                        for k, v in mae_sd.items()}, 'epoch': 3}, src)
+  out = tmp_path / 'ckpt'
+  _run_cli(src, out, capsys=capsys)
+  expected = convert.import_state_dict(mae_sd, HEADS, DEC_HEADS)
+  assert_trees_equal(checkpoint.load_params(str(out)), expected)
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'safetensors'])
+def test_cli_without_torch(tmp_path, mae_sd, fmt, capsys):
+  src = tmp_path / f'weights.{fmt}'
+  if fmt == 'npz':
+    torch_io.save_npz_state_dict(src, mae_sd)
+  else:
+    _write_safetensors(src, mae_sd)
+  out = tmp_path / 'ckpt'
+  _run_cli(src, out, capsys=capsys)
+  expected = convert.import_state_dict(mae_sd, HEADS, DEC_HEADS)
+  restored = checkpoint.load_params(str(out))
+  assert_trees_equal(restored, expected)
+  if fmt == 'npz':
+    # Restoring against the model's shapes works ...
+    like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                        nn.meta.unbox(mae_shapes(posemb='learn')))
+    assert_trees_equal(checkpoint.load_params(str(out), like=like), expected)
+    # ... and a wrong shape is named before anything is read.
+    like['decoder']['pred']['kernel'] = jax.ShapeDtypeStruct(
+        (DEC_WIDTH, 12), np.float32)
+    with pytest.raises(ValueError, match=r'decoder/pred/kernel has shape '
+                       r'\(32, 48\), the model expects \(32, 12\)'):
+      checkpoint.load_params(str(out), like=like)
+
+
+def test_cli_scan_writes_stacked_blocks(tmp_path, mae_sd):
+  src = tmp_path / 'weights.npz'
+  torch_io.save_npz_state_dict(src, mae_sd)
+  out = tmp_path / 'ckpt_scan'
+  _run_cli(src, out, '--scan')
+  restored = checkpoint.load_params(str(out))
+  convert.check_compatible(mae_shapes(scan=True, posemb='learn'), restored)
+  assert_trees_equal(
+      restored, convert.import_state_dict(mae_sd, HEADS, DEC_HEADS, scan=True))
+
+
+def test_load_params_accepts_eval_shape_output(tmp_path, mae_params):
+  out = tmp_path / 'ckpt'
+  checkpoint.save_params(str(out), mae_params)
+  restored = checkpoint.load_params(str(out), like=mae_shapes(posemb='learn'))
+  assert_trees_equal(nn.meta.unbox(restored), mae_params)
+
+
+@pytest.mark.parametrize('content', [
+    b'\x00\x01 definitely not a checkpoint \xff' * 3,
+    b'PK\x03\x04 truncated zip',
+])
+def test_cli_corrupt_pth_fails_with_one_line_naming_the_path(tmp_path,
+                                                             content):
+  src = tmp_path / 'mae_pretrain_vit_mu.pth'
+  src.write_bytes(content)
+  out = tmp_path / 'ckpt'
+  with pytest.raises(ValueError) as err:
+    convert.main([str(src), str(out), '--model', 'mu'])
+  message = str(err.value)
+  assert message.startswith(f'{src}: not a readable checkpoint')
+  assert '\n' not in message
+  assert not os.path.exists(out)
+
+
+def test_cli_truncated_torch_file(tmp_path, mae_sd):
+  torch = pytest.importorskip('torch')
+  whole = tmp_path / 'whole.pth'
+  torch.save({'model': {k: torch.from_numpy(np.array(v))
+                        for k, v in mae_sd.items()}}, whole)
+  src = tmp_path / 'truncated.pth'
+  src.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+  with pytest.raises(ValueError) as err:
+    convert.main([str(src), str(tmp_path / 'ckpt'), '--model', 'mu'])
+  assert str(err.value).startswith(f'{src}: not a readable checkpoint')
+  assert '\n' not in str(err.value)

@@ -1,0 +1,251 @@
+"""Tests for mimjax.data: builders, augmentations and batch iterators."""
+
+import collections
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mimjax import data
+from mimjax.data import augment
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  """A tfds data dir with `digits` prepared."""
+  path = str(tmp_path_factory.mktemp('tfds'))
+  tfds.builder('digits', data_dir=path).download_and_prepare()
+  return path
+
+
+def _config(data_dir, **kwargs):
+  config = data.default_config()
+  config.data_dir = data_dir
+  config.update(kwargs)
+  return config
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _same(a, b):
+  return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _hashes(images):
+  return [hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest()
+          for x in images]
+
+
+def test_digits_builder(data_dir):
+  builder = tfds.builder('digits', data_dir=data_dir)
+  assert builder.is_prepared()
+  assert str(builder.version) == '1.0.0' and builder.info.release_notes
+  splits = builder.info.splits
+  assert splits['train'].num_examples == 1497
+  assert splits['test'].num_examples == 300
+  examples = list(tfds.as_numpy(builder.as_dataset(split='train')))
+  images = np.stack([e['image'] for e in examples])
+  labels = np.array([e['label'] for e in examples])
+  assert images.shape == (1497, 8, 8, 1) and images.dtype == np.uint8
+  assert images.max() == 255 and images.min() == 0
+  assert set(labels) == set(range(10))
+  config = _config(data_dir)
+  assert data.num_examples(config, 'test') == 300
+  assert data.num_classes(config) == 10
+
+
+def test_one_image_independent_crops(data_dir):
+  config = _config(data_dir, name='one_image', image_size=48)
+  first, second = _take(data.train_batches(config, 'pretrain', 4, seed=0), 2)
+  assert first['image'].shape == (4, 48, 48, 3)
+  assert first['image'].dtype == np.float32
+  assert (first['label'] == 0).all() and first['label'].dtype == np.int32
+  assert not np.array_equal(first['image'], second['image'])
+  assert not np.array_equal(first['image'][0], first['image'][1])
+  assert data.num_examples(config, 'train') == 1
+  (batch,) = list(data.eval_batches(config, 2))
+  assert batch['valid'].tolist() == [True, False]
+
+
+def test_one_image_builder_from_file(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'photo.png'
+  Image.fromarray(np.full((20, 30, 3), 7, np.uint8)).save(path)
+  builder = data.one_image_builder(str(path), str(tmp_path / 'tfds'))
+  assert builder.builder_config.name != 'china'
+  builder.download_and_prepare()
+  (example,) = tfds.as_numpy(builder.as_dataset(split='train'))
+  assert example['image'].shape == (20, 30, 3)
+
+
+@pytest.mark.parametrize('mode', ['pretrain', 'finetune'])
+def test_resume_is_bitwise(data_dir, mode):
+  config = _config(data_dir, image_size=16)
+  run = _take(data.train_batches(config, mode, 8, seed=3), 4)
+  resumed = next(data.train_batches(config, mode, 8, seed=3, start_step=3))
+  assert _same(run[3], resumed)
+  assert not _same(run[2], run[3])
+
+
+def test_same_seed_same_batches_across_epochs(data_dir):
+  config = _config(data_dir, image_size=12)
+  # 100 rows a step: step 14 straddles the end of the first epoch (1,497).
+  run = _take(data.train_batches(config, 'pretrain', 100, seed=1), 17)
+  again = _take(data.train_batches(config, 'pretrain', 100, seed=1), 17)
+  assert all(_same(a, b) for a, b in zip(run, again))
+  resumed = _take(
+      data.train_batches(config, 'pretrain', 100, seed=1, start_step=14), 3)
+  assert all(_same(a, b) for a, b in zip(run[14:], resumed))
+  other = next(data.train_batches(config, 'pretrain', 100, seed=2))
+  assert not np.array_equal(other['image'], run[0]['image'])
+
+
+def test_each_epoch_visits_every_example_once(data_dir):
+  # 'none' mode is deterministic, so images can be matched to the split's.
+  config = _config(data_dir, image_size=8, eval_split='train')
+  batches = _take(data.train_batches(config, 'none', 499, seed=0), 6)
+  stream = np.concatenate([b['image'] for b in batches])
+  reference = np.concatenate(
+      [b['image'] for b in data.eval_batches(config, 499)])
+  want = collections.Counter(_hashes(reference))
+  epoch0, epoch1 = _hashes(stream[:1497]), _hashes(stream[1497:])
+  assert collections.Counter(epoch0) == want
+  assert collections.Counter(epoch1) == want
+  assert epoch0 != epoch1  # Reshuffled.
+
+
+def test_eval_covers_test_split_once(data_dir):
+  config = _config(data_dir, image_size=8)
+  batches = list(data.eval_batches(config, 64))
+  assert len(batches) == 5
+  assert all(b['image'].shape == (64, 8, 8, 3) for b in batches)
+  valid = np.concatenate([b['valid'] for b in batches])
+  assert valid.sum() == 300 and valid[:300].all()
+
+
+@pytest.mark.parametrize('name,split,mode,size', [
+    ('imagenet2012', 'validation', 'pretrain', 64),
+    ('cifar10', 'test', 'finetune', 32),
+])
+def test_tfds_mock_end_to_end(name, split, mode, size):
+  config = _config(None, name=name, eval_split=split, image_size=size)
+  with tfds.testing.mock_data(num_examples=6):
+    train = _take(data.train_batches(config, mode, 4, seed=0), 3)
+    evals = list(data.eval_batches(config, 4))
+  assert train[-1]['image'].shape == (4, size, size, 3)
+  assert np.isfinite(train[-1]['image']).all()
+  assert sum(int(b['valid'].sum()) for b in evals) == 6
+  assert all(b['image'].shape == (4, size, size, 3) for b in evals)
+
+
+def test_image_folder_skips_corrupt_files(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(['cat', 'dog']):
+    (tmp_path / name).mkdir()
+    for i in range(3):
+      pixels = rng.integers(0, 255, (10 + i, 12, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(tmp_path / name / f'{c}{i}.png')
+  (tmp_path / 'dog' / 'broken.jpg').write_bytes(rng.bytes(300))
+  (tmp_path / 'dog' / 'notes.txt').write_text('ignored')
+  config = _config(None, name=f'folder:{tmp_path}', image_size=16)
+  info = data.folder_info(str(tmp_path), 'train')
+  assert info.num_skipped == 1 and info.skipped[0].endswith('broken.jpg')
+  assert info.class_names == ('cat', 'dog') and len(info.paths) == 6
+  assert data.num_classes(config) == 2
+  assert data.num_examples(config, 'train') == 6
+  batch = next(data.train_batches(config, 'finetune', 4, seed=0))
+  assert batch['image'].shape == (4, 16, 16, 3)
+  batches = list(data.eval_batches(config, 4))
+  labels = np.concatenate([b['label'][b['valid']] for b in batches])
+  assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def _one_line_error(fn, *words):
+  with pytest.raises(ValueError) as e:
+    fn()
+  message = str(e.value)
+  assert '\n' not in message
+  for word in words:
+    assert word in message
+  return message
+
+
+def test_errors_are_one_line(tmp_path):
+  config = _config(str(tmp_path), name='nope')
+  _one_line_error(lambda: data.train_batches(config, 'pretrain', 4, 0), 'nope')
+  config.name = f'folder:{tmp_path / "missing"}'
+  _one_line_error(lambda: data.eval_batches(config, 4), 'missing')
+  (tmp_path / 'empty').mkdir()
+  config.name = f'folder:{tmp_path / "empty"}'
+  _one_line_error(lambda: data.num_classes(config), 'class sub-folders')
+  config.name = 'imagenet2012'
+  _one_line_error(lambda: data.train_batches(config, 'pretrain', 4, 0),
+                  'imagenet2012', str(tmp_path), 'ILSVRC2012_img_train.tar',
+                  'downloads/manual')
+  config.name = 'digits'
+  config.prepare = False
+  _one_line_error(lambda: data.eval_batches(config, 4), 'digits', 'prepare')
+  if jax.process_count() == 1:
+    config.prepare = True
+    _one_line_error(lambda: data.train_batches(config, 'pretrain', 0, 0),
+                    'Global batch')
+
+
+def test_mixup_cutmix():
+  images = jax.random.uniform(jax.random.key(0), (6, 8, 8, 3))
+  onehot = jax.nn.one_hot(jnp.arange(6) % 4, 4)
+  mix = jax.jit(augment.mixup_cutmix)
+  for seed in range(4):
+    out, soft = mix(jax.random.key(seed), images, onehot)
+    assert out.shape == images.shape and soft.shape == onehot.shape
+    np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-6)
+  out, soft = augment.mixup_cutmix(jax.random.key(0), images, onehot,
+                                   mixup_alpha=0.0, cutmix_alpha=0.0)
+  np.testing.assert_array_equal(out, images)
+  np.testing.assert_allclose(soft, onehot * 0.9 + 0.1 / 4, rtol=1e-6)
+
+
+def test_cutmix_only_pastes_mirrored_rows():
+  images = jnp.arange(4, dtype=jnp.float32)[:, None, None, None] * jnp.ones(
+      (4, 8, 8, 1))
+  onehot = jax.nn.one_hot(jnp.arange(4), 4)
+  out, soft = augment.mixup_cutmix(jax.random.key(1), images, onehot,
+                                   mixup_alpha=0.0, label_smoothing=0.0)
+  for i in range(4):
+    pasted = np.mean(np.asarray(out[i]) == 3 - i)
+    np.testing.assert_allclose(soft[i, 3 - i], pasted, rtol=1e-6)
+
+
+def test_rand_augment_and_erasing_are_seeded():
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (24, 24, 3)),
+                      tf.uint8)
+  rand_augment = tf.function(lambda x, s: augment.rand_augment(x, s))
+  erase = tf.function(lambda x, s: augment.random_erasing(x, s, prob=1.0))
+  seeds = [tf.constant([0, i], tf.int64) for i in range(6)]
+  outs = [rand_augment(image, s).numpy() for s in seeds]
+  assert all(o.dtype == np.uint8 and o.shape == (24, 24, 3) for o in outs)
+  np.testing.assert_array_equal(outs[0], rand_augment(image, seeds[0]).numpy())
+  assert any(not np.array_equal(o, image.numpy()) for o in outs)
+  normed = augment.normalize(image)
+  erased = [erase(normed, s).numpy() for s in seeds[:3]]
+  np.testing.assert_array_equal(erased[0], erase(normed, seeds[0]).numpy())
+  assert any((e != normed.numpy()).any() for e in erased)
+
+
+def test_greyscale_and_geometry():
+  grey = tf.zeros([8, 8, 1], tf.uint8)
+  assert augment.to_rgb(grey).shape == (8, 8, 3)
+  seed = tf.constant([1, 2], tf.int64)
+  crop = augment.random_resized_crop(tf.ones([30, 40, 3]) * 300, seed, 12)
+  assert crop.shape == (12, 12, 3) and float(tf.reduce_max(crop)) == 255.0
+  centre = augment.center_crop_eval(tf.ones([100, 80, 3]), 32)
+  assert centre.shape == (32, 32, 3)
+  flipped = augment.flip(tf.reshape(tf.range(6.0), [1, 6, 1]), seed)
+  assert sorted(flipped.numpy().ravel().tolist()) == list(range(6))
