@@ -12,12 +12,14 @@ def get_config(arg: str = ''):
   del arg
   c = config_lib.base_config()
   c.mode = 'pipeline'
-  c.model.size, c.model.patch_size = 'nano', 4
+  c.model.size, c.model.patch_size = 'mu', 4
+  # Digits are tiny and not mirror-symmetric: mild crops, no flips.
   c.data = config_lib.data_config(name='digits', image_size=32, randaug=False,
-                                  erase_prob=0.0)
-  c.pretrain.data = config_lib.data_config(name='digits', image_size=32)
+                                  erase_prob=0.0, min_scale=0.5, flip=False)
+  c.pretrain.data = config_lib.data_config(name='digits', image_size=32,
+                                           flip=False)
   c.pretrain.decoder.update(dict(width=64, depth=2, num_heads=4))
-  c.pretrain.batch_size, c.pretrain.epochs = 128, 60
+  c.pretrain.batch_size, c.pretrain.epochs = 128, 40
   c.pretrain.warmup_epochs = 5
   c.pretrain.base_lr = 1e-3
   c.pretrain.knn_every, c.pretrain.knn_examples = 300, 1500

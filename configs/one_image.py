@@ -28,7 +28,8 @@ def get_config(arg: str = 'digits'):
   else:
     c.model.size, c.model.patch_size = 'mu', 4
     c.data = config_lib.data_config(name='digits', image_size=32,
-                                    randaug=False, erase_prob=0.0)
+                                    randaug=False, erase_prob=0.0,
+                                    min_scale=0.5, flip=False)
     c.pretrain.data = config_lib.data_config(name='one_image', image_size=32)
     c.pretrain.steps, c.pretrain.warmup_steps = 500, 50
     c.pretrain.batch_size = 64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections as mlc
+from ml_collections import config_dict
 
 from mimjax import masking, objectives, sharding
 from mimjax.models import vit
@@ -12,9 +13,11 @@ MODES = ('pretrain', 'finetune', 'linprobe', 'eval', 'pipeline')
 
 def data_config(**overrides) -> mlc.ConfigDict:
   c = mlc.ConfigDict(dict(
-      name='digits', data_dir=mlc.placeholder(str), image_size=32,
+      name='digits', data_dir=config_dict.placeholder(str), image_size=32,
       train_split='train', eval_split='test', one_image_path='',
-      prepare=True, shuffle_buffer=10_000, randaug=True, erase_prob=0.25))
+      prepare=True, shuffle_buffer=10_000, randaug=True, erase_prob=0.25,
+      min_scale=0.0,  # RandomResizedCrop; 0: 0.2 pretrain, 0.08 otherwise
+      flip=True))
   c.update(overrides)
   return c
 
@@ -25,7 +28,7 @@ def base_config() -> mlc.ConfigDict:
   c.mode = 'pipeline'
   c.seed = 0
   c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the rest
-  c.sharding_rules = mlc.placeholder(list)  # None: sharding.DEFAULT_RULES
+  c.sharding_rules = config_dict.placeholder(list)  # None: sharding.DEFAULT_RULES
   c.data = data_config()
   c.model = mlc.ConfigDict(dict(
       size='B', patch_size=16, norm_eps=1e-6, scan=False, remat=False,

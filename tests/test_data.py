@@ -3,15 +3,16 @@
 import collections
 import hashlib
 
-import jax
+# mimjax.data before TensorFlow: it loads triton first (see its __init__).
+from mimjax import data
+from mimjax.data import augment
+
+import jax  # pylint: disable=g-bad-import-order
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-
-from mimjax import data
-from mimjax.data import augment
 
 
 @pytest.fixture(scope='module')
@@ -127,6 +128,29 @@ def test_eval_covers_test_split_once(data_dir):
   assert all(b['image'].shape == (64, 8, 8, 3) for b in batches)
   valid = np.concatenate([b['valid'] for b in batches])
   assert valid.sum() == 300 and valid[:300].all()
+
+
+def test_two_processes_share_the_data(data_dir, monkeypatch):
+  config = _config(data_dir, image_size=8)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  labels, images, rows = [], [], []
+  for index in range(2):
+    monkeypatch.setattr(jax, 'process_index', lambda i=index: i)
+    batches = list(data.eval_batches(config, 64))
+    rows.append(sum(len(b['valid']) for b in batches))
+    labels += [b['label'][b['valid']] for b in batches]
+    images += [b['image'][b['valid']] for b in batches]
+    train = next(data.train_batches(config, 'none', 8, seed=0))
+    assert train['image'].shape == (4, 8, 8, 3)
+  assert rows == [160, 160]  # 150 examples each, padded to 5 batches of 32.
+  _one_line_error(lambda: data.train_batches(config, 'pretrain', 9, 0),
+                  'Global batch 9', '2')
+  monkeypatch.undo()
+  whole = np.concatenate(
+      [b['image'][b['valid']] for b in data.eval_batches(config, 64)])
+  assert collections.Counter(_hashes(np.concatenate(images))) == (
+      collections.Counter(_hashes(whole)))
+  assert len(np.concatenate(labels)) == 300
 
 
 @pytest.mark.parametrize('name,split,mode,size', [

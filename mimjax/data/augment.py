@@ -252,7 +252,7 @@ def _signed(value, sign):
 
 
 def _enhance_arg(m, sign):
-  return 1.0 + _signed(m / 10 * 0.9, sign)
+  return tf.maximum(0.1, 1.0 + _signed(m / 10 * 0.9, sign))
 
 
 # (name, op, magnitude in [0, 10] and random sign -> op argument), following

@@ -19,13 +19,6 @@ import sys
 import numpy as np
 import tensorflow_datasets as tfds
 
-# tfds 4.9.10 imports the `importlib_resources` backport on every Python but
-# only declares it for Python < 3.9; the standard library has the same API.
-try:
-  import importlib_resources  # pylint: disable=unused-import
-except ImportError:
-  sys.modules['importlib_resources'] = importlib.resources
-
 _DIGITS_TRAIN = 1497  # The remaining 300 of the 1,797 digits are 'test'.
 
 

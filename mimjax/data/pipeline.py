@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import math
 import os
 from typing import Callable, Iterator
 
@@ -58,6 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
       num_parallel=-1,
       randaug=True,
       erase_prob=0.25,
+      min_scale=0.0,  # RandomResizedCrop; 0: 0.2 pretrain, 0.08 otherwise
+      flip=True,
   ))
 
 
@@ -85,8 +86,9 @@ class _Source:
 
 
 def _folder_root(name: str) -> str | None:
-  return os.path.expanduser(name[len('folder:'):]) if name.startswith(
-      'folder:') else None
+  if not name.startswith('folder:'):
+    return None
+  return os.path.expanduser(name[len('folder:'):])
 
 
 def _check_name(name: str) -> None:
@@ -132,9 +134,8 @@ def folder_info(root: str, split: str = 'train') -> FolderInfo:
     raise ValueError(f'Image folder {directory} has no class sub-folders.')
   candidates = []
   for label, name in enumerate(class_names):
-    for dirpath, dirnames, filenames in sorted(
+    for dirpath, _, filenames in sorted(
         os.walk(os.path.join(directory, name), followlinks=True)):
-      dirnames.sort()
       for f in sorted(filenames):
         if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'):
           candidates.append((os.path.join(dirpath, f), label))
@@ -166,13 +167,12 @@ def _folder_source(config, split: str, shard: bool) -> _Source:
       raise ValueError(f'Image folder {info.directory}: class sub-folders '
                        f'differ from those of split {config.train_split!r}.')
   paths, labels = info.paths, info.labels
-  if shard:  # Contiguous, near-equal slices, as tfds.even_splits makes.
-    n, i, count = len(paths), jax.process_index(), jax.process_count()
-    lo, hi = n * i // count, n * (i + 1) // count
-    paths, labels = paths[lo:hi], labels[lo:hi]
+  if shard:  # Strided, so that every process gets every class.
+    i, count = jax.process_index(), jax.process_count()
+    paths, labels = paths[i::count], labels[i::count]
   ds = tf.data.Dataset.from_tensor_slices(
       {'image': list(paths), 'label': np.asarray(labels, np.int64)})
-  return _Source(ds, _decode_file, len(paths))
+  return _Source(ds, _decode_file, len(paths), shard)
 
 
 # tfds datasets.
@@ -240,8 +240,7 @@ def _tfds_source(config, split: str, shard: bool, seed: int | None) -> _Source:
   ds = ds.map(lambda ex: {'image': ex['image'],
                           'label': ex.get('label', tf.constant(0, tf.int64))})
   feature = builder.info.features['image']
-  return _Source(ds, feature.decode_example, int(ds.cardinality()),
-                 sharded=shard or config.name != 'one_image')
+  return _Source(ds, feature.decode_example, int(ds.cardinality()), shard)
 
 
 def _source(config, split: str, shard: bool, seed: int | None = None):
@@ -290,10 +289,12 @@ def _train_image(image, seed, mode: str, config):
   if mode == 'none':
     return _eval_image(image, size)
   s_crop, s_flip, s_aug, s_erase = tf.unstack(augment.split_seed(seed, 4))
-  scale = (0.2, 1.0) if mode == 'pretrain' else (0.08, 1.0)
+  scale = (config.get('min_scale') or (0.2 if mode == 'pretrain' else 0.08),
+           1.0)
   image = augment.to_rgb(image)
   image = augment.random_resized_crop(image, s_crop, size, scale=scale)
-  image = augment.flip(image, s_flip)
+  if config.get('flip', True):
+    image = augment.flip(image, s_flip)
   if mode == 'finetune' and config.get('randaug', True):
     image = augment.rand_augment(image, s_aug)
   image = augment.normalize(tf.reshape(image, [size, size, 3]))
@@ -345,9 +346,11 @@ def train_batches(config, mode: str, global_batch: int, seed: int,
     decode = tf.identity
     ds = tf.data.Dataset.counter(start).map(lambda pos: (pos, one))
   else:
-    buffer = min(config.get('shuffle_buffer', 10_000), max(src.size, 1))
+    buffer = config.get('shuffle_buffer', 10_000)
+    if src.size > 0:
+      buffer = min(buffer, src.size)
     if _folder_root(config.name) is not None:
-      buffer = max(src.size, 1)  # File names are cheap: shuffle them fully.
+      buffer = src.size  # File names are cheap: shuffle them fully.
 
     def epoch(e):
       epoch_seed = tf.random.stateless_uniform(
@@ -355,7 +358,10 @@ def train_batches(config, mode: str, global_batch: int, seed: int,
       return src.ds.shuffle(buffer, seed=epoch_seed,
                             reshuffle_each_iteration=False)
 
-    first, offset = divmod(start, src.size) if src.size > 0 else (0, start)
+    if src.size > 0:  # Start at the right epoch rather than skip whole ones.
+      first, offset = divmod(start, src.size)
+    else:
+      first, offset = 0, start
     ds = tf.data.Dataset.counter(first).flat_map(epoch)
     ds = ds.enumerate(start=first * max(src.size, 0)).skip(offset)
   ds = ds.map(example, num_parallel_calls=parallel, deterministic=True)

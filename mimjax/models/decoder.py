@@ -35,7 +35,7 @@ class Decoder(nn.Module):
     if grid[0] * grid[1] != num_patches:
       raise ValueError(f'grid {grid} does not have {num_patches} patches')
     x = nn.Dense(self.width, dtype=self.dtype, name='embed',
-                 kernel_init=vit.logical(vit.xavier, ('embed', 'embed')),
+                 kernel_init=vit.logical(vit.xavier, (None, 'embed')),
                  bias_init=vit.logical(nn.initializers.zeros,
                                        ('embed',)))(tokens)
     mask_token = self.param(

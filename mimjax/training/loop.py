@@ -69,6 +69,7 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
           f'metrics {last_finite}; last good checkpoint: step '
           f'{ckpts.latest_step()} in {ckpts.directory} (intact)')
     last_finite = {'step': step, **_scalars(metrics)}
+    summary.setdefault('loss_first', last_finite.get('loss'))
 
   for step in range(start + 1, total_steps + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):

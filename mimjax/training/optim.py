@@ -101,7 +101,9 @@ def adamw(schedule, params, weight_decay: float = 0.05, b1: float = 0.9,
 def lars(schedule, params, weight_decay: float = 0.0,
          momentum: float = 0.9) -> optax.GradientTransformation:
   """LARS of the linear probe: no decay or trust ratio on 1-D parameters."""
-  mask = jax.tree.map(lambda x: np.ndim(x) > 1, params)
+  del params
+  # A callable mask also works inside optax.multi_transform's masked trees.
+  mask = lambda tree: jax.tree.map(lambda x: np.ndim(x) > 1, tree)
   return optax.lars(schedule, weight_decay=weight_decay,
                     weight_decay_mask=mask, trust_ratio_mask=mask,
                     momentum=momentum)

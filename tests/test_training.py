@@ -1,0 +1,169 @@
+"""The pretrain -> finetune pipeline end to end, exact resume, many devices."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mimjax import checkpoint
+from mimjax import main as main_lib
+from tiny_config import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('tfds')
+
+
+def test_pipeline_end_to_end(tmp_path, data_dir):
+  c = tiny_config(data_dir, mode='pipeline')
+  c.finetune.scratch_baseline = True
+  summaries = main_lib.run(c, str(tmp_path))
+  pre, fine, scratch, probe = summaries
+  assert pre['stage'] == 'pretrain'
+  assert pre['loss'] < 0.8 * pre['loss_first'], pre
+  assert fine['top1'] > 40.0, fine  # chance is 10%
+  assert fine['eval_examples'] == 300
+  assert probe['stage'] == 'linprobe' and probe['top1'] > 15.0, probe
+  assert 'top1' in scratch
+  # Fine-tuning started from the pre-trained encoder.
+  first_ft = checkpoint.load_state_params(
+      str(tmp_path / 'finetune' / 'checkpoints'), step=20)
+  assert set(first_ft) == {'encoder', 'fc_norm', 'head'}
+  # Artefacts a person looks at.
+  assert os.path.exists(tmp_path / 'config.json')
+  assert any(f.startswith('events.out.tfevents')
+             for f in os.listdir(tmp_path / 'pretrain'))
+  with open(tmp_path / 'summary.json') as f:
+    assert [s['stage'] for s in json.load(f)] == [
+        'pretrain', 'finetune', 'finetune', 'linprobe']
+
+
+def test_finetune_loads_pretrained_encoder(tmp_path, data_dir):
+  from mimjax.training import trainers  # pylint: disable=g-import-not-at-top
+  c = tiny_config(data_dir, mode='pretrain')
+  c.pretrain.steps = 2
+  main_lib.run(c, str(tmp_path))
+  pre = checkpoint.load_state_params(str(tmp_path / 'pretrain' / 'checkpoints'))
+  c.finetune.steps = 1
+  c.finetune.base_lr = 0.0
+  c.finetune.warmup_steps = 0
+  state, _ = trainers.finetune(c, str(tmp_path / 'ft'),
+                               str(tmp_path / 'pretrain' / 'checkpoints'))
+  kernel = lambda p: np.asarray(
+      p['encoder']['transformer']['blocks_1']['mlp']['fc1']['kernel'])
+  np.testing.assert_array_equal(kernel(state.params), kernel(pre))
+
+
+def _run_cli(workdir, data_dir, extra=(), env=None, wait=True):
+  cmd = [sys.executable, '-m', 'mimjax.main', f'--workdir={workdir}',
+         f'--config={REPO}/tests/tiny_config.py:{data_dir}', *extra]
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', **(env or {})}
+  if wait:
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+  return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+
+
+def test_exact_resume_after_sigkill(tmp_path, data_dir):
+  steps = ['--config.mode=pretrain', '--config.pretrain.steps=60',
+           '--config.checkpoint_every=4', '--config.keep_checkpoints=50']
+  straight = _run_cli(tmp_path / 'straight', data_dir, steps)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+
+  ckpts = tmp_path / 'killed' / 'pretrain' / 'checkpoints'
+  proc = _run_cli(tmp_path / 'killed', data_dir, steps, wait=False)
+  deadline = time.time() + 300
+  while not (ckpts.exists() and any(p.isdigit() for p in os.listdir(ckpts))):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  killed_at = max(int(p) for p in os.listdir(ckpts) if p.isdigit())
+  assert killed_at < 60, 'the run finished before it could be killed'
+  resumed = _run_cli(tmp_path / 'killed', data_dir, steps)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert 'resumed from step' in resumed.stderr
+
+  a = checkpoint.load_state_params(
+      str(tmp_path / 'straight' / 'pretrain' / 'checkpoints'), step=60)
+  b = checkpoint.load_state_params(str(ckpts), step=60)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_data_parallel_over_8_devices_matches_one(tmp_path, data_dir):
+  steps = ['--config.mode=pretrain', '--config.pretrain.steps=3',
+           '--config.checkpoint_every=3']
+  one = _run_cli(tmp_path / 'one', data_dir, [*steps, '--config.mesh=(1,1,1)'])
+  assert one.returncode == 0, one.stderr[-2000:]
+  eight = _run_cli(
+      tmp_path / 'eight', data_dir, [*steps, '--config.mesh=(8,1,1)'],
+      env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert eight.returncode == 0, eight.stderr[-2000:]
+  a = checkpoint.load_state_params(str(tmp_path / 'one' / 'pretrain' /
+                                       'checkpoints'))
+  b = checkpoint.load_state_params(str(tmp_path / 'eight' / 'pretrain' /
+                                       'checkpoints'))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a, b)
+  loss = lambda d: json.load(open(d / 'pretrain' / 'summary.json'))['loss']
+  assert abs(loss(tmp_path / 'one') - loss(tmp_path / 'eight')) < 1e-5
+
+
+def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path,
+                                                            data_dir):
+  from mimjax.training import loop  # pylint: disable=g-import-not-at-top
+  c = tiny_config(data_dir, mode='pretrain')
+  c.pretrain.update(dict(steps=12, warmup_steps=0, base_lr=1e30))
+  c.checkpoint_every = 1
+  with pytest.raises(loop.NonFiniteError, match=r'non-finite .* at step \d+; '
+                     r'last finite metrics .*last good checkpoint: step \d+'):
+    main_lib.run(c, str(tmp_path))
+  ckpts = str(tmp_path / 'pretrain' / 'checkpoints')
+  params = checkpoint.load_state_params(ckpts)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('pretrain.batch_size', 30, 'not divisible by the data-parallel size'),
+    ('model.patch_size', 5, 'not divisible by model.patch_size 5'),
+    ('pretrain.mask_ratio', 1.0, r'mask ratio must be in \(0, 1\)'),
+    ('mesh', (2, 1, 1), 'devices, but 1 are present'),
+    ('pretrain.objective', 'nope', 'unknown pretrain.objective'),
+])
+def test_bad_config_values_fail_before_compiling(tmp_path, data_dir, key,
+                                                 value, message):
+  c = tiny_config(data_dir)
+  if key == 'mesh':
+    c.mesh = value
+  else:
+    c.update_from_flattened_dict({key: value})
+  with pytest.raises(ValueError, match=message):
+    main_lib.run(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'pretrain')
+
+
+def test_unknown_config_key_is_one_clear_line(tmp_path, data_dir):
+  result = _run_cli(tmp_path, data_dir, ['--config.pretrain.bach_size=8'])
+  assert result.returncode != 0
+  assert 'bach_size' in result.stderr
+
+
+def test_checkpoint_of_another_architecture_is_named(tmp_path, data_dir):
+  from mimjax.training import trainers  # pylint: disable=g-import-not-at-top
+  c = tiny_config(data_dir, mode='pretrain')
+  c.pretrain.steps = 1
+  main_lib.run(c, str(tmp_path))
+  c.model.size = 'nano'
+  with pytest.raises(ValueError, match=r'pre-trained encoder .* parameter '
+                     r'encoder|has shape \(\d+,\)|lacks parameter'):
+    trainers.finetune(c, str(tmp_path / 'ft'),
+                      str(tmp_path / 'pretrain' / 'checkpoints'))
