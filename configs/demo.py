@@ -19,18 +19,20 @@ def get_config(arg: str = ''):
   c.pretrain.data = config_lib.data_config(name='digits', image_size=32,
                                            flip=False)
   c.pretrain.decoder.update(dict(width=64, depth=2, num_heads=4))
-  c.pretrain.batch_size, c.pretrain.epochs = 128, 40
+  c.pretrain.batch_size, c.pretrain.epochs = 128, 30
   c.pretrain.warmup_epochs = 5
   c.pretrain.base_lr = 1e-3
-  c.pretrain.knn_every, c.pretrain.knn_examples = 300, 1500
-  c.pretrain.recon_every = 300
-  c.finetune.batch_size, c.finetune.epochs = 128, 15
+  c.pretrain.knn_every, c.pretrain.knn_examples = 110, 1500
+  c.pretrain.recon_every = 110
+  c.finetune.batch_size, c.finetune.epochs = 128, 25
   c.finetune.warmup_epochs = 2
-  c.finetune.base_lr = 1e-3
+  c.finetune.base_lr = 1e-2
   c.finetune.drop_path = 0.0
   c.finetune.mixup = c.finetune.cutmix = 0.0
   c.finetune.scratch_baseline = True
-  c.linprobe.batch_size, c.linprobe.epochs = 256, 15
+  # The reference LARS needs thousands of steps; AdamW fits a probe in minutes.
+  c.linprobe.optimizer, c.linprobe.base_lr = 'adamw', 1e-2
+  c.linprobe.batch_size, c.linprobe.epochs = 256, 20
   c.linprobe.warmup_epochs = 2
   c.eval_batch_size = 100
   c.log_every, c.checkpoint_every = 50, 300

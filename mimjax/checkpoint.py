@@ -100,13 +100,25 @@ class Checkpoints:
 
 
 def load_state_params(directory: str, step: int | None = None):
-  """The parameters of a train-state checkpoint (latest step by default)."""
+  """The parameters of a train-state checkpoint (latest step by default).
+
+  They are restored onto this host whatever mesh wrote them (pre-training on
+  a pod, fine-tuning elsewhere).
+  """
   directory = os.path.abspath(directory)
   with ocp.CheckpointManager(directory) as manager:
     step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {directory}')
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
-  state = restored.state
-  return state['params'] if isinstance(state, dict) else state.params
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {directory}')
+  path = os.path.join(directory, str(step), 'state')
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    stored = checkpointer.metadata(path).item_metadata.tree
+    target = {'params': jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        dict(stored)['params'])}
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, partial_restore=True,
+        restore_args=jax.tree.map(
+            lambda _: ocp.ArrayRestoreArgs(sharding=device), target)))
+  return jax.tree.map(np.asarray, restored['params'])

@@ -51,7 +51,8 @@ def base_config() -> mlc.ConfigDict:
       mixup=0.8, cutmix=1.0, clip_norm=0.0, accumulate=1, pool='gap',
       eval_every=0, scratch_baseline=False))
   c.linprobe = mlc.ConfigDict(dict(
-      init='', batch_size=16384, epochs=90, steps=0, warmup_epochs=10,
+      init='', optimizer='lars', batch_size=16384, epochs=90, steps=0,
+      warmup_epochs=10,
       warmup_steps=0, base_lr=0.1, min_lr=0.0, weight_decay=0.0,
       eval_every=0, enabled=True))
   c.eval_batch_size = 1024

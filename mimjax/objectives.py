@@ -196,15 +196,15 @@ def cmae(level: str = 'patch', temperature: float = 0.2, proj_dim: int = 256,
     g_key = Projector(proj_dim, proj_hidden, proj_depth, name='key_projector')
     a, b = zip(views, latents)
     directions = [(a, b), (b, a)] if symmetric else [(a, b)]
-    losses = []
+    losses, num_keys = [], []
     for online, target in directions:
       queries, keys = pairs(ctx, online, target)
       keys = g_key(keys)
       keys = sg(keys) if stop_gradient_keys else keys
       losses.append(info_nce(g(queries), keys, temperature))
-    loss = sum(losses) / len(losses)
-    return loss, {'num_negatives': keys.shape[0] * (
-        keys.shape[1] if keys.ndim == 3 else 1)}
+      num_keys.append(keys.size // keys.shape[-1])
+    # Each query's candidates: its positive and every other key of the batch.
+    return sum(losses) / len(losses), {'keys_per_direction': tuple(num_keys)}
   return loss_fn
 
 

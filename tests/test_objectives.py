@@ -364,8 +364,9 @@ def test_cmae_patch_init_loss_near_log_keys(images, views, cmae_params,
   expected = math.log(B * K_B)
   if symmetric:
     expected = (math.log(B * K_B) + math.log(B * K_A)) / 2
+    assert tuple(map(int, aux['keys_per_direction'])) == (B * K_B, B * K_A)
   else:
-    assert aux['num_negatives'] == B * K_B
+    assert tuple(map(int, aux['keys_per_direction'])) == (B * K_B,)
   assert abs(float(loss) - expected) < 0.05 * expected, (float(loss), expected)
 
 
@@ -385,7 +386,7 @@ def test_cmae_max_positions_bounds_keys(images, views, cmae_params, symmetric):
   m = 4
   mp = model('cmae', feature_decoder=True, symmetric=symmetric, max_positions=m)
   loss, aux = forward(mp, cmae_params, images, views)
-  assert aux['num_negatives'] == B * m
+  assert set(map(int, aux['keys_per_direction'])) == {B * m}
   expected = math.log(B * m)
   assert abs(float(loss) - expected) < 0.1 * expected, (float(loss), expected)
   # Other positions are sampled under another 'mask' key.
@@ -396,7 +397,7 @@ def test_cmae_max_positions_bounds_keys(images, views, cmae_params, symmetric):
 def test_cmae_image_init_loss_near_log_batch(images, views):
   m = model('cmae', level='image', symmetric=False)
   loss, aux = forward(m, init(m, images), images, views)
-  assert aux['num_negatives'] == B
+  assert tuple(map(int, aux['keys_per_direction'])) == (B,)
   assert abs(float(loss) - math.log(B)) < 0.05 * math.log(B), float(loss)
 
 

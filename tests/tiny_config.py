@@ -21,8 +21,9 @@ def tiny_config(data_dir, **overrides):
   c.pretrain.update(dict(batch_size=32, steps=40, warmup_steps=5,
                          base_lr=2e-3))
   c.finetune.update(dict(batch_size=32, steps=120, warmup_steps=10,
-                         base_lr=4e-3, drop_path=0.0, mixup=0.0, cutmix=0.0))
-  c.linprobe.update(dict(batch_size=64, steps=30, warmup_steps=3))
+                         base_lr=3e-2, drop_path=0.0, mixup=0.0, cutmix=0.0))
+  c.linprobe.update(dict(batch_size=64, steps=60, warmup_steps=5,
+                         optimizer='adamw', base_lr=4e-2))
   c.eval_batch_size = 100
   c.log_every, c.checkpoint_every = 5, 20
   for key, value in overrides.items():

@@ -44,7 +44,7 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
                                  keep=keep_checkpoints,
                                  keep_best=score_key is not None)
   writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, collection=name)
+      workdir, just_logging=jax.process_index() > 0)
   start = ckpts.latest_step() or 0
   if start:
     state, _ = ckpts.restore(start, checkpoint.abstract_like(state, shardings))

@@ -378,10 +378,16 @@ def linprobe(config, workdir: str, init: str):
   encoder = merge_encoder(abstract['params']['encoder'],
                           load_pretrained(init, config.model), grid, init)
   labels = {'encoder': 'frozen', 'probe': 'train'}
+  if c.optimizer == 'lars':
+    train_tx = optim.lars(schedule, abstract['params']['probe'],
+                          c.weight_decay)
+  elif c.optimizer == 'adamw':  # converges in far fewer steps than LARS
+    train_tx = optax.adamw(schedule, weight_decay=c.weight_decay)
+  else:
+    raise ValueError(f"linprobe.optimizer must be 'lars' or 'adamw', got "
+                     f'{c.optimizer!r}')
   tx = optax.multi_transform(
-      {'train': optim.lars(schedule, abstract['params']['probe'],
-                           c.weight_decay),
-       'frozen': optax.set_to_zero()},
+      {'train': train_tx, 'frozen': optax.set_to_zero()},
       lambda params: {k: labels[k] for k in params})
   state, shardings = state_lib.create(init_variables, tx, config.seed, mesh,
                                       rules,
