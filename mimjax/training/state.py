@@ -26,15 +26,7 @@ class TrainState:
     return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
-def create(init_variables: Callable[[jax.Array], dict], tx: optax.GradientTransformation,
-           seed: int, mesh, rules, params_override=None):
-  """Initialises a TrainState on the mesh; returns (state, state_shardings).
-
-  `init_variables(key)` returns flax variables with logically partitioned
-  parameters; nothing is materialised whole on one device.
-  `params_override`, a (partial) tree of arrays, replaces those parameters
-  (e.g. a pre-trained encoder) inside the same jitted initialisation.
-  """
+def _init_fn(init_variables, tx, seed):
   def init(key):
     variables = init_variables(key)
     params = variables['params']
@@ -43,20 +35,44 @@ def create(init_variables: Callable[[jax.Array], dict], tx: optax.GradientTransf
                       opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed + 1)),
                       extra=extra)
+  return init
 
-  key = jax.random.key(seed)
+
+def abstract(init_variables, tx, seed: int, mesh, rules):
+  """(ShapeDtypeStructs of the TrainState with their shardings, shardings)."""
   with mesh, nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init, key)
-    shardings = sharding.tree_shardings(abstract, mesh, rules)
+    boxed = jax.eval_shape(_init_fn(init_variables, tx, seed),
+                           jax.random.key(seed))
+    shardings = sharding.tree_shardings(boxed, mesh, rules)
+  shapes = nn.meta.unbox(boxed)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      shapes, shardings), shardings
 
-    def init_unboxed(key, override):
-      state = nn.meta.unbox(init(key))
-      if override is not None:
-        params = merge(state.params, override)
-        state = state.replace(params=params, opt_state=tx.init(params))
-      return state
 
-    state = jax.jit(init_unboxed, out_shardings=shardings)(key, params_override)
+def create(init_variables: Callable[[jax.Array], dict],
+           tx: optax.GradientTransformation, seed: int, mesh, rules,
+           params_override=None):
+  """Initialises a TrainState on the mesh; returns (state, state_shardings).
+
+  `init_variables(key)` returns flax variables with logically partitioned
+  parameters; nothing is materialised whole on one device.
+  `params_override`, a (partial) tree of arrays, replaces those parameters
+  (e.g. a pre-trained encoder) inside the same jitted initialisation.
+  """
+  init = _init_fn(init_variables, tx, seed)
+  _, shardings = abstract(init_variables, tx, seed, mesh, rules)
+
+  def init_unboxed(key, override):
+    state = nn.meta.unbox(init(key))
+    if override is not None:
+      params = merge(state.params, override)
+      state = state.replace(params=params, opt_state=tx.init(params))
+    return state
+
+  with mesh, nn.logical_axis_rules(rules):
+    state = jax.jit(init_unboxed, out_shardings=shardings)(
+        jax.random.key(seed), params_override)
   return state, shardings
 
 

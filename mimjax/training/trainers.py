@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -89,13 +91,23 @@ def _loop_kwargs(config):
 # ------------------------------------------------------------ pretrain
 
 
-def pretrain(config, workdir: str):
-  """MIM pre-training with the configured mask and loss functions."""
+@dataclasses.dataclass
+class Recipe:
+  """What a stage trains: the pieces `state.create` and the train step need."""
+  model: nn.Module
+  init_variables: Callable[[jax.Array], dict]
+  tx: optax.GradientTransformation
+  loss_fn: Callable
+  total_steps: int
+  schedule: optax.Schedule
+  image_size: int
+
+
+def pretrain_recipe(config, mesh, num_train: int) -> Recipe:
+  """The pre-training model, optimiser and loss for `config`."""
   c = config.pretrain
-  mesh, rules = _setup(config)
   model = make_mim(config)
   dp = sharding.data_parallel_size(mesh)
-  num_train = data_lib.num_examples(c.data, c.data.train_split)
   total, warmup = stage_steps(c, num_train, 'pretrain')
   updates = max(total // c.accumulate, 1)
   lr = optim.scaled_lr(c.base_lr, c.batch_size * c.accumulate)
@@ -109,8 +121,6 @@ def pretrain(config, workdir: str):
   tx = optim.finalize(
       optim.adamw(schedule, abstract['params'], c.weight_decay, b2=c.b2),
       c.clip_norm, c.accumulate)
-  state, shardings = state_lib.create(init_variables, tx, config.seed, mesh,
-                                      rules)
 
   def loss_fn(params, extra, batch, rng):
     k_mask, k_drop = jax.random.split(rng)
@@ -120,19 +130,32 @@ def pretrain(config, workdir: str):
                if isinstance(v, jax.Array) and v.ndim == 0}
     return loss, (metrics, extra)
 
-  train_step = state_lib.make_train_step(loss_fn, tx, shardings, mesh, rules)
+  return Recipe(model, init_variables, tx, loss_fn, total, schedule,
+                c.data.image_size)
+
+
+def pretrain(config, workdir: str):
+  """MIM pre-training with the configured mask and loss functions."""
+  c = config.pretrain
+  mesh, rules = _setup(config)
+  recipe = pretrain_recipe(
+      config, mesh, data_lib.num_examples(c.data, c.data.train_split))
+  state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
+                                      config.seed, mesh, rules)
+  train_step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings,
+                                         mesh, rules)
   batches = functools.partial(data_lib.train_batches, c.data, 'pretrain',
                               c.batch_size, config.seed)
   eval_fn = on_eval = None
   if c.knn_every or c.recon_every:
-    monitor = PretrainMonitor(config, model, mesh, rules, workdir)
+    monitor = PretrainMonitor(config, recipe.model, mesh, rules, workdir)
     eval_fn, on_eval = monitor.evaluate, monitor.reconstructions
-  every = c.knn_every or c.recon_every
   return loop.train_loop(
       name='pretrain', workdir=workdir, state=state, shardings=shardings,
-      train_step=train_step, batches=batches, total_steps=total, mesh=mesh,
-      lr_schedule=schedule, eval_fn=eval_fn, eval_every=every,
-      on_eval=on_eval, **_loop_kwargs(config))
+      train_step=train_step, batches=batches, total_steps=recipe.total_steps,
+      mesh=mesh, lr_schedule=recipe.schedule, eval_fn=eval_fn,
+      eval_every=c.knn_every or c.recon_every, on_eval=on_eval,
+      **_loop_kwargs(config))
 
 
 class PretrainMonitor:
@@ -273,23 +296,18 @@ def classification_eval(logits_fn, params, config, mesh, rules):
           'eval_examples': totals['count']}
 
 
-def make_classifier(config, train: bool = True) -> Classifier:
-  c = config.finetune
-  encoder = make_encoder(config.model, posemb='learn',
-                         drop_path=c.drop_path if train else 0.0)
-  return Classifier(encoder, data_lib.num_classes(config.data), pool=c.pool)
+def make_classifier(config, num_classes: int, drop_path: float = 0.0):
+  encoder = make_encoder(config.model, posemb='learn', drop_path=drop_path)
+  return Classifier(encoder, num_classes, pool=config.finetune.pool)
 
 
-def finetune(config, workdir: str, init: str | None = None):
-  """End-to-end fine-tuning (init=None: from random initialisation)."""
+def finetune_recipe(config, mesh, num_train: int, num_classes: int) -> Recipe:
+  """The fine-tuning classifier, optimiser (layer-wise decay) and loss."""
   c = config.finetune
-  mesh, rules = _setup(config)
-  model = make_classifier(config)
+  model = make_classifier(config, num_classes, c.drop_path)
   dp = sharding.data_parallel_size(mesh)
   size = config.data.image_size
-  num_classes = data_lib.num_classes(config.data)
-  total, warmup = stage_steps(c, data_lib.num_examples(
-      config.data, config.data.train_split), 'finetune')
+  total, warmup = stage_steps(c, num_train, 'finetune')
   updates = max(total // c.accumulate, 1)
   schedule = optim.warmup_cosine(
       optim.scaled_lr(c.base_lr, c.batch_size * c.accumulate), updates,
@@ -299,12 +317,6 @@ def finetune(config, workdir: str, init: str | None = None):
     return model.init({'params': key}, _sample(dp, size))
 
   abstract = nn.meta.unbox(jax.eval_shape(init_variables, jax.random.key(0)))
-  override = None
-  if init:
-    grid = (size // config.model.patch_size,) * 2
-    override = {'encoder': merge_encoder(abstract['params']['encoder'],
-                                         load_pretrained(init, config.model),
-                                         grid, init)}
   depth = vit.preset(config.model.size)['depth']
   tx = optim.finalize(optim.adamw(
       schedule, abstract['params'], c.weight_decay, b2=c.b2,
@@ -312,9 +324,6 @@ def finetune(config, workdir: str, init: str | None = None):
       lr_scales=optim.layer_decay_scales(abstract['params'], depth,
                                          c.layer_decay)),
                       c.clip_norm, c.accumulate)
-  state, shardings = state_lib.create(
-      init_variables, tx, config.seed, mesh, rules,
-      params_override=override)
 
   def loss_fn(params, extra, batch, rng):
     k_mix, k_drop = jax.random.split(rng)
@@ -327,18 +336,40 @@ def finetune(config, workdir: str, init: str | None = None):
     loss = optax.softmax_cross_entropy(logits, targets).mean()
     return loss, ({}, extra)
 
-  train_step = state_lib.make_train_step(loss_fn, tx, shardings, mesh, rules)
-  eval_model = make_classifier(config, train=False)
+  return Recipe(model, init_variables, tx, loss_fn, total, schedule, size)
+
+
+def finetune(config, workdir: str, init: str | None = None):
+  """End-to-end fine-tuning (init=None: from random initialisation)."""
+  mesh, rules = _setup(config)
+  recipe = finetune_recipe(
+      config, mesh,
+      data_lib.num_examples(config.data, config.data.train_split),
+      data_lib.num_classes(config.data))
+  override = None
+  if init:
+    abstract = nn.meta.unbox(jax.eval_shape(recipe.init_variables,
+                                            jax.random.key(0)))
+    grid = (recipe.image_size // config.model.patch_size,) * 2
+    override = {'encoder': merge_encoder(abstract['params']['encoder'],
+                                         load_pretrained(init, config.model),
+                                         grid, init)}
+  state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
+                                      config.seed, mesh, rules,
+                                      params_override=override)
+  train_step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings,
+                                         mesh, rules)
+  eval_model = make_classifier(config, recipe.model.num_classes)
   logits_fn = lambda p, x: eval_model.apply({'params': p}, x)[0]
   batches = functools.partial(data_lib.train_batches, config.data, 'finetune',
-                              c.batch_size, config.seed)
+                              config.finetune.batch_size, config.seed)
   return loop.train_loop(
       name='finetune', workdir=workdir, state=state, shardings=shardings,
-      train_step=train_step, batches=batches, total_steps=total, mesh=mesh,
-      lr_schedule=schedule,
+      train_step=train_step, batches=batches, total_steps=recipe.total_steps,
+      mesh=mesh, lr_schedule=recipe.schedule,
       eval_fn=lambda s: classification_eval(logits_fn, s.params, config, mesh,
                                             rules),
-      eval_every=c.eval_every, score_key='top1',
+      eval_every=config.finetune.eval_every, score_key='top1',
       meta={'init': init or 'random'}, **_loop_kwargs(config))
 
 
@@ -419,7 +450,7 @@ def linprobe(config, workdir: str, init: str):
 def evaluate(config, checkpoint_dir: str):
   """Top-1 / top-5 of a fine-tuned classifier checkpoint on the eval split."""
   mesh, rules = _setup(config)
-  model = make_classifier(config, train=False)
+  model = make_classifier(config, data_lib.num_classes(config.data))
   params = checkpoint.load_state_params(checkpoint_dir)
   abstract = nn.meta.unbox(jax.eval_shape(
       lambda k: model.init({'params': k}, _sample(1, config.data.image_size)),

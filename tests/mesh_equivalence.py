@@ -1,0 +1,64 @@
+"""Run by test_scale.py under 8 simulated CPU devices: prints JSON.
+
+For each mesh, 3 pre-training and 3 fine-tuning steps on fixed random
+batches; reports the largest difference to the single-device run.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from mimjax import sharding
+from mimjax.training import state as state_lib
+from mimjax.training import trainers
+from tiny_config import tiny_config
+
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]
+
+
+def run(config, stage, devices, mesh_shape):
+  mesh = sharding.make_mesh(mesh_shape, devices)
+  rules = sharding.rules_from(None)
+  if stage == 'pretrain':
+    recipe = trainers.pretrain_recipe(config, mesh, num_train=10**6)
+  else:
+    recipe = trainers.finetune_recipe(config, mesh, 10**6, num_classes=10)
+  state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
+                                      config.seed, mesh, rules)
+  step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings, mesh,
+                                   rules)
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(3):
+    batch = {'image': rng.standard_normal((32, 16, 16, 3), np.float32),
+             'label': rng.integers(0, 10, (32,)).astype(np.int32)}
+    state, metrics = step(state, sharding.global_batch(batch, mesh))
+    losses.append(float(metrics['loss']))
+  return losses, jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def main():
+  config = tiny_config(None)
+  config.finetune.update(dict(drop_path=0.1, mixup=0.8, cutmix=1.0))
+  devices = jax.devices()
+  assert len(devices) == 8, devices
+  out = {}
+  for stage in ('pretrain', 'finetune'):
+    ref_loss, ref_params = run(config, stage, devices[:1], (1, 1, 1))
+    for mesh in MESHES:
+      loss, params = run(config, stage, devices, mesh)
+      pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+      diff = max(float(np.max(np.abs(a - b))) for a, b in pairs)
+      # np.allclose's measure: |a - b| <= atol + rtol * |b|, atol = rtol = 1e-5.
+      excess = max(float(np.max(np.abs(a - b) - 1e-5 * np.abs(b)))
+                   for a, b in pairs)
+      out[f'{stage} {mesh}'] = {
+          'loss_diff': max(abs(a - b) for a, b in zip(loss, ref_loss)),
+          'param_diff': diff, 'param_excess': excess}
+  json.dump(out, sys.stdout)
+
+
+if __name__ == '__main__':
+  main()
