@@ -35,8 +35,9 @@ Options (environment variable in brackets):
   --preemptible             create a preemptible TPU [TPU_PREEMPTIBLE=1]
   --internal-ip             ssh/scp over internal IPs [TPU_INTERNAL_IP=1]
   --config CONFIG           recipe, e.g. configs/mae_imagenet.py:L [MIMJAX_CONFIG]
-  --workdir gs://...        run directory, seen by all workers [MIMJAX_WORKDIR]
-  --data-dir gs://...       TFDS_DATA_DIR on the workers [TFDS_DATA_DIR]
+  --workdir gs://...        run directory every worker sees: gs://, or an
+                            absolute path on a shared mount [MIMJAX_WORKDIR]
+  --data-dir gs://...       TFDS_DATA_DIR on the workers, likewise [TFDS_DATA_DIR]
   --flags "FLAGS"           extra mimjax flags [MIMJAX_FLAGS]; flags after
                             '--' are appended too
   --run-name NAME           names logs/NAME.log and logs/NAME.pid on each
@@ -302,6 +303,11 @@ step_delete() {
   x "${cmd[@]}"
 }
 
+# gs://... or an absolute path (a shared mount: Filestore, gcsfuse).
+shared() {
+  [[ $1 == gs://?* || $1 == /?* ]]
+}
+
 # Check every step's inputs before running any of them.
 for step in "${STEPS[@]}"; do
   case "$step" in
@@ -312,9 +318,9 @@ for step in "${STEPS[@]}"; do
     run)
       [[ -n $CONFIG ]] || die "run needs --config (or MIMJAX_CONFIG), e.g. configs/mae_imagenet.py:L"
       [[ -n $WORKDIR ]] || die "run needs --workdir (or MIMJAX_WORKDIR), a gs:// path"
-      [[ $WORKDIR == gs://* ]] || die "--workdir must be a gs:// path every worker can see, got '$WORKDIR'"
+      shared "$WORKDIR" || die "--workdir must be a path every worker sees (gs://..., or an absolute path on a shared mount), got '$WORKDIR'"
       [[ -n $DATA_DIR ]] || die "run needs --data-dir (or TFDS_DATA_DIR), a gs:// path"
-      [[ $DATA_DIR == gs://* ]] || die "--data-dir must be a gs:// path every worker can see, got '$DATA_DIR'" ;;
+      shared "$DATA_DIR" || die "--data-dir must be a path every worker sees (gs://..., or an absolute path on a shared mount), got '$DATA_DIR'" ;;
   esac
 done
 if ! truthy "$DRY"; then

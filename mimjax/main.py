@@ -22,6 +22,32 @@ _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, "mode=eval: the fine-tuning run's checkpoints dir.")
 
 
+def initialize_distributed():
+  """Joins a multi-process job when the environment asks for one.
+
+  MIMJAX_COORDINATOR=host:port with MIMJAX_NUM_PROCESSES and
+  MIMJAX_PROCESS_ID: explicit; MIMJAX_DISTRIBUTED=1: auto-detected (TPU
+  pods, SLURM). MIMJAX_INIT_TIMEOUT (seconds, default 300) bounds the wait
+  for the other processes.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  timeout = int(os.environ.get('MIMJAX_INIT_TIMEOUT', '300'))
+  coordinator = os.environ.get('MIMJAX_COORDINATOR')
+  if coordinator:
+    missing = [v for v in ('MIMJAX_NUM_PROCESSES', 'MIMJAX_PROCESS_ID')
+               if v not in os.environ]
+    if missing:
+      raise ValueError(f'MIMJAX_COORDINATOR is set but {", ".join(missing)} '
+                       'is not')
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=int(os.environ['MIMJAX_NUM_PROCESSES']),
+        process_id=int(os.environ['MIMJAX_PROCESS_ID']),
+        initialization_timeout=timeout)
+  elif os.environ.get('MIMJAX_DISTRIBUTED') == '1':
+    jax.distributed.initialize(initialization_timeout=timeout)
+
+
 def stage_dir(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage)
 
@@ -73,15 +99,15 @@ def _tagged(summary: dict, init: str) -> dict:
 def summary_table(summaries: list[dict], config) -> str:
   """A short table of what each stage measured."""
   keys = ('loss', 'knn_top1', 'top1', 'top5', 'steps', 'train_seconds')
-  lines = [f'{"stage":<18} {"init":<28} ' + ' '.join(f'{k:>13}' for k in keys)]
+  cell = lambda v: (f'{v:>13.4f}' if isinstance(v, float) else
+                    f'{"-" if v is None else v!s:>13}')
+  lines = [f'{"stage":<10} {"init":<24} ' + ' '.join(f'{k:>13}' for k in keys)]
   for s in summaries:
-    init = os.path.basename(os.path.dirname(str(s.get('init', ''))).rstrip(
-        '/')) + '/' if '/' in str(s.get('init', '')) else str(s.get('init', '-'))
-    cells = []
-    for k in keys:
-      v = s.get(k)
-      cells.append(f'{v:>13.4f}' if isinstance(v, float) else f'{str(v if v is not None else "-"):>13}')
-    lines.append(f'{s["stage"]:<18} {init[:28]:<28} ' + ' '.join(cells))
+    init = str(s.get('init', '-'))
+    if os.sep in init:  # a checkpoint path: its last two parts say enough
+      init = os.path.join(*init.rstrip(os.sep).split(os.sep)[-2:])
+    lines.append(f'{s["stage"]:<10} {init[-24:]:<24} ' +
+                 ' '.join(cell(s.get(k)) for k in keys))
   if config.reference:
     lines.append(f'reference (paper): {config.reference.to_dict()}')
   return '\n'.join(lines)
@@ -94,6 +120,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   pylogging.getLogger('absl').setLevel(pylogging.INFO)
   try:
+    initialize_distributed()
     run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f'mimjax: error: {e}', file=sys.stderr)
