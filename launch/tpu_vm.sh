@@ -249,7 +249,8 @@ step_create() {
 step_copy() {
   note "copy: $REPO_ROOT -> ~/$REMOTE_DIR on every worker"
   x tar -czf "$TARBALL" --exclude=./.venv --exclude=./.git \
-    --exclude=./workdir --exclude=__pycache__ --exclude=.pytest_cache \
+    --exclude='./workdir*' --exclude=./build --exclude=./dist \
+    --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache \
     --exclude='*.pyc' -C "$REPO_ROOT" .
   x gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:$REMOTE_TARBALL" \
     "${SCOPE[@]}" "${SSH_OPTS[@]}" --worker=all

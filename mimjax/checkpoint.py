@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import os
 
+from etils import epath
 import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 
+def resolve(path) -> epath.Path:
+  """A local path made absolute, or a cloud path (gs://...) as it is."""
+  path = str(path)
+  return epath.Path(path if '://' in path else os.path.abspath(path))
+
+
 def save_params(path: str, params) -> None:
   """Writes a parameter tree as an orbax checkpoint directory at `path`."""
-  path = os.path.abspath(path)
+  path = resolve(path)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, jax.tree.map(np.asarray, params), force=True)
 
 
 def load_params(path: str, like=None):
   """Reads a parameter tree saved by `save_params` (optionally shaped `like`)."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = resolve(path)
+  if not path.is_dir():
     raise FileNotFoundError(f'no orbax checkpoint directory at {path}')
   with ocp.StandardCheckpointer() as checkpointer:
     if like is None:
@@ -50,7 +57,7 @@ class Checkpoints:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
                keep_best: bool = False):
-    directory = os.path.abspath(directory)
+    directory = resolve(directory)
     self.directory = directory
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
@@ -59,7 +66,7 @@ class Checkpoints:
     self.best = None
     if keep_best:
       self.best = ocp.CheckpointManager(
-          os.path.join(directory, 'best'), options=ocp.CheckpointManagerOptions(
+          directory / 'best', options=ocp.CheckpointManagerOptions(
               max_to_keep=1, create=True, best_fn=lambda m: m['score'],
               best_mode='max', enable_async_checkpointing=False))
 
@@ -105,12 +112,12 @@ def load_state_params(directory: str, step: int | None = None):
   They are restored onto this host whatever mesh wrote them (pre-training on
   a pod, fine-tuning elsewhere).
   """
-  directory = os.path.abspath(directory)
+  directory = resolve(directory)
   with ocp.CheckpointManager(directory) as manager:
     step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {directory}')
-  path = os.path.join(directory, str(step), 'state')
+  path = directory / str(step) / 'state'
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.PyTreeCheckpointer() as checkpointer:
     stored = checkpointer.metadata(path).item_metadata.tree

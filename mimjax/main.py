@@ -58,10 +58,11 @@ def run(config, workdir: str, checkpoint_path: str | None = None) -> list[dict]:
   from mimjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from mimjax.training import trainers  # pylint: disable=g-import-not-at-top
   config_lib.validate(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  from mimjax import checkpoint  # pylint: disable=g-import-not-at-top
+  out = checkpoint.resolve(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'config.json').write_text(config.to_json_best_effort(indent=1))
   pretrained = os.path.join(stage_dir(workdir, 'pretrain'), 'checkpoints')
   summaries = []
   mode = config.mode
@@ -87,8 +88,7 @@ def run(config, workdir: str, checkpoint_path: str | None = None) -> list[dict]:
     summaries.append({'stage': 'eval', **trainers.evaluate(config, path)})
   if jax.process_index() == 0:
     print(summary_table(summaries, config))
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summaries, f, indent=1)
+    (out / 'summary.json').write_text(json.dumps(summaries, indent=1))
   return summaries
 
 

@@ -8,14 +8,12 @@ docs/objectives.md with the defaults given there.
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from mimjax import masking
 from mimjax.mim import MIMContext
 from mimjax.models import vit
 

@@ -7,6 +7,7 @@ names (see models/vit.py); `rules` maps them to mesh axes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -60,6 +61,14 @@ def make_mesh(sizes: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
   except Exception:  # pylint: disable=broad-except
     array = np.asarray(devices).reshape(shape)
   return Mesh(array, AXES)
+
+
+@contextlib.contextmanager
+def active(mesh: Mesh, rules):
+  """The mesh and logical-axis rules that jit, init and the models' sharding
+  constraints see (`with mesh:` alone no longer makes constraints bind)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def rules_from(config_rules) -> tuple[tuple[str, Any], ...]:

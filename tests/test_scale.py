@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 EIGHT = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
          'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
@@ -32,15 +30,16 @@ def test_meshes_match_single_device():
     assert r['param_diff'] < 2e-5, (name, r)
 
 
-@pytest.mark.parametrize('mesh, shards', [('(1,8,1)', 8), ('(2,2,2)', 4)])
-def test_fsdp_shards_params_and_optimizer(mesh, shards):
+def test_fsdp_over_8_shards_params_and_optimizer():
   code = (
       'import json, sys; sys.argv += ["--devices=8"];'
       'from mimjax.tools import memcheck;'
       'from tiny_config import tiny_config;'
-      f'c = tiny_config(None); c.mesh = {mesh};'
+      'c = tiny_config(None, mesh=(1, 8, 1), eval_batch_size=96);'
+      # ViT-S: with tiny widths the (replicated) biases would dominate.
+      'c.model.size, c.model.scan = "S", True;'
       'print(json.dumps(memcheck.check(c)))')
   r = json.loads(_python(['-c', code], EIGHT).strip().splitlines()[-1])
   assert r['devices'] == 8
   for part in ('params', 'opt_state'):
-    assert r[f'{part}_per_device'] <= r[f'{part}_total'] / shards * 1.05, r
+    assert r[f'{part}_per_device'] <= r[f'{part}_total'] / 8 * 1.05, r

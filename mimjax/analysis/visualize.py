@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import io
 
+from etils import epath
 import numpy as np
 
 from mimjax.models import vit
@@ -45,7 +46,6 @@ def save_png(path: str, image: np.ndarray, title: str = ''):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   height, width = image.shape[:2]
   scale = max(1.0, 256 / width)
   fig = plt.figure(figsize=(width * scale / 100 + 0.2,
@@ -54,5 +54,9 @@ def save_png(path: str, image: np.ndarray, title: str = ''):
   plt.axis('off')
   if title:
     plt.title(title, fontsize=8)
-  fig.savefig(path, bbox_inches='tight')
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', bbox_inches='tight')
   plt.close(fig)
+  path = epath.Path(path)  # local or gs://
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.resources.abc
 import os
-import sys
 
 import numpy as np
 import tensorflow_datasets as tfds

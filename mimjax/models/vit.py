@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,9 +35,12 @@ def preset(name: str) -> dict[str, int]:
 # Official MAE init: xavier-uniform on every linear map viewed as 2-D (out, in).
 xavier = nn.initializers.xavier_uniform()
 # The reference fuses q, k and v into one (D, 3D) matrix, so its xavier bound
-# uses fan_out = 3D; on our separate q, k, v kernels (which DenseGeneral
-# initialises flattened to (D, D)) that is a variance scale of 1/2.
-qkv_init = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
+# uses fan_out = 3D; on our separate (D, heads, head_dim) kernels that is a
+# variance scale of 1/2.
+qkv_init = nn.initializers.variance_scaling(
+    0.5, 'fan_avg', 'uniform', in_axis=0, out_axis=(1, 2))
+out_init = nn.initializers.variance_scaling(
+    1.0, 'fan_avg', 'uniform', in_axis=(0, 1), out_axis=2)
 # Patch projection: xavier on the conv kernel flattened to (p*p*C, D).
 patch_init = nn.initializers.variance_scaling(
     1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=3)
@@ -127,6 +129,34 @@ def drop_path(module: nn.Module, x, rate, active: bool):
   return jnp.where(mask, x / keep, 0.0)
 
 
+class HeadsDense(nn.Module):
+  """(B, N, D) -> (B, N, heads, head_dim), or back with `to_width`.
+
+  Explicit 3-D kernels, so that each axis carries its own logical name.
+  """
+  num_heads: int
+  head_dim: int
+  to_width: int = 0  # > 0: the output projection (heads, head_dim) -> width
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    heads = (self.num_heads, self.head_dim)
+    if self.to_width:
+      shape, names = (*heads, self.to_width), ('heads', 'kv', 'embed')
+      init, equation = out_init, 'bnhk,hkd->bnd'
+      bias_shape, bias_names = (self.to_width,), ('embed',)
+    else:
+      shape, names = (x.shape[-1], *heads), ('embed', 'heads', 'kv')
+      init, equation = qkv_init, 'bnd,dhk->bnhk'
+      bias_shape, bias_names = heads, ('heads', 'kv')
+    kernel = self.param('kernel', logical(init, names), shape)
+    bias = self.param('bias', logical(nn.initializers.zeros, bias_names),
+                      bias_shape)
+    return (jnp.einsum(equation, x.astype(self.dtype),
+                       kernel.astype(self.dtype)) + bias.astype(self.dtype))
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with separate q, k, v projections."""
   num_heads: int
@@ -137,18 +167,12 @@ class Attention(nn.Module):
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f'width {width} not divisible by {self.num_heads} heads')
-    head_dim = width // self.num_heads
-    dense = functools.partial(
-        nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype,
-        kernel_init=logical(qkv_init, ('embed', 'heads', 'kv')),
-        bias_init=logical(nn.initializers.zeros, ('heads', 'kv')))
-    q, k, v = (dense(name=n)(x) for n in ('query', 'key', 'value'))
-    q = constrain(q, ('batch', 'length', 'heads', 'kv'))
+    dims = (self.num_heads, width // self.num_heads)
+    q, k, v = (constrain(HeadsDense(*dims, dtype=self.dtype, name=n)(x),
+                         ('batch', 'length', 'heads', 'kv'))
+               for n in ('query', 'key', 'value'))
     out = jax.nn.dot_product_attention(q, k, v)
-    return nn.DenseGeneral(
-        width, axis=(-2, -1), dtype=self.dtype, name='out',
-        kernel_init=logical(xavier, ('heads', 'kv', 'embed')),
-        bias_init=logical(nn.initializers.zeros, ('embed',)))(out)
+    return HeadsDense(*dims, to_width=width, dtype=self.dtype, name='out')(out)
 
 
 class Mlp(nn.Module):

@@ -83,7 +83,7 @@ def check(config, stage: str = 'pretrain', num_classes: int = 1000) -> dict:
                                     sharding=batch_sharding)}
   step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings, mesh,
                                    rules)
-  with mesh, nn.logical_axis_rules(rules):
+  with sharding.active(mesh, rules):
     compiled = step.jitted.lower(state, batch).compile()
   memory = compiled.memory_analysis()
   return {

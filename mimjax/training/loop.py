@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Callable, Iterator
 
@@ -39,8 +38,10 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
   by `score_key`). A non-finite step leaves the state unchanged and stops
   the run at the next check with the step and the last finite metrics.
   """
-  os.makedirs(workdir, exist_ok=True)
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
+  out = checkpoint.resolve(workdir)
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+  ckpts = checkpoint.Checkpoints(out / 'checkpoints',
                                  keep=keep_checkpoints,
                                  keep_best=score_key is not None)
   writer = metric_writers.create_default_writer(
@@ -104,9 +105,8 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
   if start < total_steps:
     summary.update({k: v for k, v in last_finite.items() if k != 'step'})
     summary['train_seconds'] = round(time.time() - started, 1)
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=1)
-  elif os.path.exists(os.path.join(workdir, 'summary.json')):
-    with open(os.path.join(workdir, 'summary.json')) as f:
-      summary = json.load(f)
+    if jax.process_index() == 0:
+      (out / 'summary.json').write_text(json.dumps(summary, indent=1))
+  elif (out / 'summary.json').exists():
+    summary = json.loads((out / 'summary.json').read_text())
   return state, summary

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import re
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

@@ -40,7 +40,7 @@ def _init_fn(init_variables, tx, seed):
 
 def abstract(init_variables, tx, seed: int, mesh, rules):
   """(ShapeDtypeStructs of the TrainState with their shardings, shardings)."""
-  with mesh, nn.logical_axis_rules(rules):
+  with sharding.active(mesh, rules):
     boxed = jax.eval_shape(_init_fn(init_variables, tx, seed),
                            jax.random.key(seed))
     shardings = sharding.tree_shardings(boxed, mesh, rules)
@@ -70,7 +70,7 @@ def create(init_variables: Callable[[jax.Array], dict],
       state = state.replace(params=params, opt_state=tx.init(params))
     return state
 
-  with mesh, nn.logical_axis_rules(rules):
+  with sharding.active(mesh, rules):
     state = jax.jit(init_unboxed, out_shardings=shardings)(
         jax.random.key(seed), params_override)
   return state, shardings
@@ -117,7 +117,7 @@ def make_train_step(loss_fn, tx, shardings, mesh, rules):
                    donate_argnums=0)
 
   def run(state, batch):
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.active(mesh, rules):
       return jitted(state, batch)
   run.jitted = jitted
   return run

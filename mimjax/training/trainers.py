@@ -5,13 +5,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import optax
 
@@ -171,7 +169,7 @@ class PretrainMonitor:
     cfg = self.config.data.copy_and_resolve_references()
     cfg.eval_split = split
     feats, labels = [], []
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with sharding.active(self.mesh, self.rules):
       for batch in data_lib.eval_batches(cfg, self.config.eval_batch_size):
         valid = batch['valid']
         g = sharding.global_batch({'image': batch['image']}, self.mesh)
@@ -216,7 +214,7 @@ class PretrainMonitor:
     grid = visualize.reconstruction_grid(
         np.asarray(images), np.asarray(aux['pred']), np.asarray(mask.mask), p,
         norm_pix)
-    path = os.path.join(self.workdir, f'reconstructions_{step}.png')
+    path = str(checkpoint.resolve(self.workdir) / f'reconstructions_{step}.png')
     visualize.save_png(path, grid, f'step {step}: original | masked | '
                        'prediction | prediction + visible')
     writer.write_images(step, {'reconstructions': grid[None]})
@@ -230,13 +228,14 @@ def load_pretrained(path: str, model_cfg) -> dict:
   """Encoder parameters from a mimjax run, an orbax params dir or a .pth file."""
   if not path:
     raise ValueError('no pre-trained checkpoint given (finetune.init)')
-  if os.path.isfile(path):
+  where = checkpoint.resolve(path)
+  if where.is_file():
     sd = torch_io.load_state_dict(path)
     params = convert.import_state_dict(sd, vit.preset(model_cfg.size)[
         'num_heads'], 16)
-  elif os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path)):
+  elif where.is_dir() and any(p.name.isdigit() for p in where.iterdir()):
     params = checkpoint.load_state_params(path)
-  elif os.path.isdir(path):
+  elif where.is_dir():
     params = checkpoint.load_params(path)
   else:
     raise FileNotFoundError(f'pre-trained checkpoint {path} does not exist')
@@ -259,15 +258,16 @@ def merge_encoder(abstract_encoder, pretrained: dict, grid, source: str):
   pretrained = (convert.stack_blocks(pretrained) if scanned else
                 convert.unstack_blocks(pretrained))
   pretrained = dict(pretrained)
-  if 'pos_embed' in abstract_encoder and 'pos_embed' in pretrained:
+  if 'pos_embed' not in abstract_encoder:
+    pretrained.pop('pos_embed', None)
+  elif 'pos_embed' in pretrained:
     pretrained['pos_embed'] = convert.resize_posemb(pretrained['pos_embed'],
                                                     grid)
-  elif 'pos_embed' in abstract_encoder:
+  else:
     pretrained['pos_embed'] = vit.posemb_sincos_2d(
         grid, abstract_encoder['pos_embed'].shape[-1])[None]
   if 'norm' not in abstract_encoder:
     pretrained.pop('norm', None)  # 'gap' classifiers use fc_norm instead
-  pretrained.pop('pos_embed', None) if 'pos_embed' not in abstract_encoder else None
   convert.check_compatible(abstract_encoder, pretrained,
                            f'pre-trained encoder {source}')
   return pretrained
@@ -284,7 +284,7 @@ def classification_eval(logits_fn, params, config, mesh, rules):
   """Top-1 / top-5 (%) over the whole eval split, every example once."""
   counts_fn = jax.jit(lambda p, x, y, v: _accuracy_counts(logits_fn(p, x), y, v))
   totals = {'correct1': 0, 'correct5': 0, 'count': 0}
-  with mesh, nn.logical_axis_rules(rules):
+  with sharding.active(mesh, rules):
     for batch in data_lib.eval_batches(config.data, config.eval_batch_size):
       g = sharding.global_batch(batch, mesh)
       counts = jax.device_get(counts_fn(params, g['image'], g['label'],
