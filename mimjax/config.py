@@ -59,6 +59,7 @@ def base_config() -> mlc.ConfigDict:
   c.log_every = 50
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
+  c.stop_at_step = 0  # > 0: end each stage there (checkpointed) to resume later
   c.reference = mlc.ConfigDict()  # the paper's numbers, for the summary
   return c
 

@@ -340,11 +340,21 @@ def train_batches(config, mode: str, global_batch: int, seed: int,
     return {'image': image, 'label': tf.cast(ex['label'], tf.int32)}
 
   if config.name == 'one_image':
-    # One decoded image, an independent view of it at each position.
+    # One decoded image, an independent view of it at each position. The
+    # seed follows the row's place in the *global* batch, so the stream does
+    # not depend on the number of processes.
     raw = next(iter(src.ds))
     one = {'image': decode(raw['image']), 'label': raw['label']}
     decode = tf.identity
-    ds = tf.data.Dataset.counter(start).map(lambda pos: (pos, one))
+    run_seed = tf.constant([seed, 0], tf.int64)
+    rows_before = jax.process_index() * local_batch
+
+    def global_position(pos):
+      step, row = pos // local_batch, pos % local_batch
+      return step * global_batch + rows_before + row
+
+    ds = tf.data.Dataset.counter(start).map(
+        lambda pos: (global_position(pos), one))
   else:
     buffer = config.get('shuffle_buffer', 10_000)
     if src.size > 0:

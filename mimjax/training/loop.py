@@ -29,7 +29,8 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
                mesh, lr_schedule=None, eval_fn=None, eval_every: int = 0,
                log_every: int = 50, checkpoint_every: int = 1000,
                keep_checkpoints: int = 3, score_key: str | None = None,
-               on_eval: Callable | None = None, meta: dict | None = None):
+               on_eval: Callable | None = None, meta: dict | None = None,
+               stop_at_step: int = 0):
   """Runs (or resumes) `total_steps` steps; returns (state, summary dict).
 
   `batches(start_step)` yields this process's rows of each global batch from
@@ -37,6 +38,8 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
   and at the end. Checkpoints keep the last `keep_checkpoints` (and the best
   by `score_key`). A non-finite step leaves the state unchanged and stops
   the run at the next check with the step and the last finite metrics.
+  `stop_at_step` > 0 ends this invocation there, checkpointed, to be resumed
+  (e.g. within a scheduler's time limit).
   """
   out = checkpoint.resolve(workdir)
   if jax.process_index() == 0:
@@ -72,7 +75,8 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
     last_finite = {'step': step, **_scalars(metrics)}
     summary.setdefault('loss_first', last_finite.get('loss'))
 
-  for step in range(start + 1, total_steps + 1):
+  end = min(total_steps, stop_at_step) if stop_at_step else total_steps
+  for step in range(start + 1, end + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       batch = sharding.global_batch(next(data), mesh)
       state, metrics = train_step(state, batch)
@@ -97,9 +101,9 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
         ckpts.save_best(step, state, results[score_key])
       if on_eval is not None:
         on_eval(step, state, writer)
-    if step % checkpoint_every == 0 or is_last:
+    if step % checkpoint_every == 0 or step == end:
       ckpts.save(step, state, {'step': step, 'data_position': step,
-                               **(meta or {})}, force=is_last)
+                               **(meta or {})}, force=step == end)
   ckpts.close()
   writer.flush()
   if start < total_steps:

@@ -81,7 +81,7 @@ def _sample(batch_size: int, image_size: int):
 
 
 def _loop_kwargs(config):
-  return dict(log_every=config.log_every,
+  return dict(log_every=config.log_every, stop_at_step=config.stop_at_step,
               checkpoint_every=config.checkpoint_every,
               keep_checkpoints=config.keep_checkpoints)
 
