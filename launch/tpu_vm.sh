@@ -62,14 +62,8 @@ Example (prints every command, runs none):
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  exit 2
-}
-
-truthy() {
-  case "${1:-0}" in 1 | true | yes | on) return 0 ;; *) return 1 ;; esac
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ----------------------------------------------------------------- options
 
@@ -175,26 +169,6 @@ FLAG_ARGS+=("${EXTRA[@]}")
 # ----------------------------------------------------------------- helpers
 
 # Quotes one word for a POSIX shell, leaving plain words readable.
-quote() {
-  local s=$1 safe='^[-A-Za-z0-9_@%+=:,./]+$'
-  if [[ -n $s && $s =~ $safe ]]; then
-    printf '%s' "$s"
-  elif [[ $s =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then  # --flag='value'
-    printf '%s' "${BASH_REMATCH[1]}"
-    quote "${BASH_REMATCH[2]}"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out='' word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
-
 # Runs a command, or prints it (copy-pastable) under --dry-run.
 x() {
   if truthy "$DRY"; then

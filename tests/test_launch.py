@@ -111,8 +111,9 @@ def test_bash_n(script):
 def test_shellcheck(script):
   if not shutil.which('shellcheck'):
     pytest.skip('shellcheck is not installed')
-  proc = subprocess.run(['shellcheck', '--shell=bash', str(LAUNCH / script)],
-                        capture_output=True, text=True, check=False)
+  proc = subprocess.run(
+      ['shellcheck', '-x', '--shell=bash', f'launch/{script}'],
+      capture_output=True, text=True, check=False, cwd=ROOT)
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
