@@ -80,11 +80,11 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       batch = sharding.global_batch(next(data), mesh)
       state, metrics = train_step(state, batch)
-    first_bad = jnp.where((first_bad < 0) & ~metrics['finite'], step - 1,
+    first_bad = jnp.where((first_bad < 0) & ~metrics['finite'], step,
                           first_bad)
     progress(step)
     is_last = step == total_steps
-    if step % log_every == 0 or is_last or step % checkpoint_every == 0:
+    if step % log_every == 0 or step == end or step % checkpoint_every == 0:
       metrics = jax.device_get(metrics)
       check(step, metrics)
       scalars = _scalars(metrics)
