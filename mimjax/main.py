@@ -28,10 +28,14 @@ def initialize_distributed():
   MIMJAX_COORDINATOR=host:port with MIMJAX_NUM_PROCESSES and
   MIMJAX_PROCESS_ID: explicit; MIMJAX_DISTRIBUTED=1: auto-detected (TPU
   pods, SLURM). MIMJAX_INIT_TIMEOUT (seconds, default 300) bounds the wait
-  for the other processes.
+  for the other processes; MIMJAX_HEARTBEAT_TIMEOUT (seconds, default 100)
+  is how long a silent (dead) process goes unnoticed before the job fails.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  timeout = int(os.environ.get('MIMJAX_INIT_TIMEOUT', '300'))
+  timeouts = dict(
+      initialization_timeout=int(os.environ.get('MIMJAX_INIT_TIMEOUT', '300')),
+      heartbeat_timeout_seconds=int(
+          os.environ.get('MIMJAX_HEARTBEAT_TIMEOUT', '100')))
   coordinator = os.environ.get('MIMJAX_COORDINATOR')
   if coordinator:
     missing = [v for v in ('MIMJAX_NUM_PROCESSES', 'MIMJAX_PROCESS_ID')
@@ -42,10 +46,9 @@ def initialize_distributed():
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=int(os.environ['MIMJAX_NUM_PROCESSES']),
-        process_id=int(os.environ['MIMJAX_PROCESS_ID']),
-        initialization_timeout=timeout)
+        process_id=int(os.environ['MIMJAX_PROCESS_ID']), **timeouts)
   elif os.environ.get('MIMJAX_DISTRIBUTED') == '1':
-    jax.distributed.initialize(initialization_timeout=timeout)
+    jax.distributed.initialize(**timeouts)
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -125,6 +128,18 @@ def main(argv):
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f'mimjax: error: {e}', file=sys.stderr)
     sys.exit(1)
+  except Exception as e:  # pylint: disable=broad-except
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
+      raise
+    # A collective failed: most likely another process died. Leave now
+    # rather than wait in the runtime's shutdown barrier; checkpoints on disk
+    # are complete ones.
+    first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f'mimjax: error: process {jax.process_index()} of '
+          f'{jax.process_count()} stops: a collective failed ({first_line}); '
+          'another process has probably died', file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':
