@@ -12,10 +12,12 @@ MODES = ('pretrain', 'finetune', 'linprobe', 'eval', 'pipeline')
 
 
 def data_config(**overrides) -> mlc.ConfigDict:
+  """Input settings (mimjax/data reads them), small offline defaults."""
   c = mlc.ConfigDict(dict(
       name='digits', data_dir=config_dict.placeholder(str), image_size=32,
       train_split='train', eval_split='test', one_image_path='',
-      prepare=True, shuffle_buffer=10_000, randaug=True, erase_prob=0.25,
+      prepare=True, shuffle_buffer=10_000, num_parallel=-1,  # -1: autotune
+      randaug=True, erase_prob=0.25,
       min_scale=0.0,  # RandomResizedCrop; 0: 0.2 pretrain, 0.08 otherwise
       flip=True))
   c.update(overrides)

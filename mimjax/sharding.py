@@ -98,13 +98,6 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def check_batch(global_batch: int, mesh: Mesh):
-  size = data_parallel_size(mesh)
-  if global_batch % size:
-    raise ValueError(f'global batch {global_batch} is not divisible by the '
-                     f'data-parallel size {size} (mesh {dict(mesh.shape)})')
-
-
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's rows -> global jax.Arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)

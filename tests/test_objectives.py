@@ -13,6 +13,7 @@ from mimjax import mim
 from mimjax import objectives
 from mimjax.models import Decoder
 from mimjax.models import Encoder
+from fast_jit import FAST
 
 sg = jax.lax.stop_gradient
 
@@ -28,21 +29,6 @@ PIX_DEC = Decoder(out_dim=P * P * 3, **DEC_KW)
 FEAT_DEC = Decoder(out_dim=32, **DEC_KW)
 
 
-def _fast_compile_options():
-  """Tiny programs compile several times faster without XLA's expensive CPU
-  passes (the numbers do not change beyond float rounding); {} where this
-  XLA does not know the options."""
-  options = {'xla_backend_optimization_level': 0,
-             'xla_llvm_disable_expensive_passes': True,
-             'xla_cpu_use_fusion_emitters': False}
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=options)(np.zeros(()))
-  except Exception:  # pylint: disable=broad-except
-    return {}
-  return options
-
-
-FAST = _fast_compile_options()
 RNGS = lambda key: {'mask': key, 'dropout': key}
 
 

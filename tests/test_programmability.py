@@ -18,6 +18,7 @@ from mimjax import mim
 from mimjax import objectives
 from mimjax.models import Decoder
 from mimjax.models import Encoder
+from fast_jit import FAST
 
 B, SIZE, P = 8, 32, 4
 L = (SIZE // P) ** 2
@@ -25,23 +26,6 @@ STEPS = 20
 ENC = Encoder(patch_size=P, width=64, depth=2, num_heads=4)
 DEC_KW = dict(width=32, depth=1, num_heads=4)
 FEAT_DEC = Decoder(out_dim=32, **DEC_KW)
-
-
-def _fast_compile_options():
-  """Tiny programs compile several times faster without XLA's expensive CPU
-  passes (the numbers do not change beyond float rounding); {} where this
-  XLA does not know the options."""
-  options = {'xla_backend_optimization_level': 0,
-             'xla_llvm_disable_expensive_passes': True,
-             'xla_cpu_use_fusion_emitters': False}
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=options)(np.zeros(()))
-  except Exception:  # pylint: disable=broad-except
-    return {}
-  return options
-
-
-FAST = _fast_compile_options()
 
 
 def smooth_images(batch=B, size=SIZE, seed=0):

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mimjax import config as config_lib
 from mimjax.data import augment
 from mimjax.data import builders
 
@@ -44,22 +45,8 @@ _SMALL = 64  # Eval images whose shorter side is below this are just resized.
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Data settings with small, offline defaults."""
-  return ml_collections.ConfigDict(dict(
-      name='digits',
-      data_dir=None,
-      image_size=32,
-      train_split='train',
-      eval_split='test',
-      one_image_path='',
-      prepare=True,
-      shuffle_buffer=10_000,
-      num_parallel=-1,
-      randaug=True,
-      erase_prob=0.25,
-      min_scale=0.0,  # RandomResizedCrop; 0: 0.2 pretrain, 0.08 otherwise
-      flip=True,
-  ))
+  """Data settings with small, offline defaults (one schema: mimjax.config)."""
+  return config_lib.data_config()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mimjax.models import vit
@@ -61,10 +60,3 @@ class LinearProbe(nn.Module):
         self.num_classes, name='head',
         kernel_init=nn.initializers.truncated_normal(self.head_init_std),
     )(x)
-
-
-def probe_features(encoder: vit.Encoder, params, images) -> jax.Array:
-  """Linear-probe features: the cls token after the encoder's final norm."""
-  tokens = encoder.clone(final_norm=True).apply(
-      {'params': params}, images)['tokens']
-  return jax.lax.stop_gradient(tokens[:, 0])

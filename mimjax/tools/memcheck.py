@@ -28,7 +28,6 @@ _simulate_devices(sys.argv)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
