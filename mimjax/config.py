@@ -29,7 +29,11 @@ def base_config() -> mlc.ConfigDict:
   c = mlc.ConfigDict()
   c.mode = 'pipeline'
   c.seed = 0
-  c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the rest
+  # (data, fsdp, tensor), -1 = the rest; None: per model size
+  # (sharding.DEFAULT_FSDP). mesh_dcn: how the mesh splits over TPU slices or
+  # hosts; None: data-parallel over them (docs/scaling.md).
+  c.mesh = config_dict.placeholder(tuple)
+  c.mesh_dcn = config_dict.placeholder(tuple)
   c.sharding_rules = config_dict.placeholder(list)  # None: sharding.DEFAULT_RULES
   c.data = data_config()
   c.model = mlc.ConfigDict(dict(
@@ -66,13 +70,17 @@ def base_config() -> mlc.ConfigDict:
   return c
 
 
-def validate(config: mlc.ConfigDict, num_devices: int):
-  """One clear line per impossible value, raised before anything compiles."""
+def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1):
+  """One clear line per impossible value, raised before anything compiles.
+
+  num_granules: TPU slices or hosts (sharding.topology).
+  """
   if config.mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {config.mode!r}')
-  mesh = sharding.mesh_shape(config.mesh, num_devices)
-  data_parallel = mesh[0] * mesh[1]
   vit.preset(config.model.size)
+  mesh, _ = sharding.mesh_shapes(config.mesh, config.mesh_dcn, num_devices,
+                                 num_granules, config.model.size)
+  data_parallel = mesh[0] * mesh[1]
   width, _, heads = vit.PRESETS[config.model.size]
   if width % mesh[2] or heads % mesh[2]:
     raise ValueError(f'tensor axis {mesh[2]} does not divide the {heads} '

@@ -8,12 +8,14 @@ names (see models/vit.py); `rules` maps them to mesh axes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ('data', 'fsdp', 'tensor')
@@ -34,33 +36,107 @@ DEFAULT_RULES = (
 )
 
 
-def mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Resolves one -1 ('the rest') and checks the product is the device count."""
+# Model size -> the largest 'fsdp' axis of the default mesh. ViT-B and smaller
+# train data-parallel (their state is small); L and H shard it, over at most
+# this many devices of one slice or host (docs/scaling.md).
+DEFAULT_FSDP = {'L': 16, 'H': 32}
+
+
+def topology(devices=None) -> tuple[int, int]:
+  """(number of devices, number of granules): the slices of a multi-slice
+  TPU job, the processes (hosts) elsewhere. Devices within a granule share a
+  fast network (ICI, NVLink); granules talk over the data-center network."""
+  devices = jax.devices() if devices is None else devices
+  return len(devices), len({_granule(d) for d in devices})
+
+
+def _on_tpu(devices) -> bool:
+  return devices[0].platform == 'tpu'
+
+
+def _granule(device) -> int:
+  return device.slice_index if _on_tpu([device]) else device.process_index
+
+
+def mesh_shapes(sizes: Sequence[int] | None, dcn: Sequence[int] | None,
+                num_devices: int, num_granules: int = 1,
+                model_size: str = 'B') -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """The whole mesh, and how its axes split over granules (DCN).
+
+  sizes None: the model size's default, DEFAULT_FSDP within a granule and
+  data parallel over the rest. One -1 in sizes or dcn means "the rest". dcn
+  None: data parallel over the granules when the data axis allows it, else
+  one flat mesh, as with (1, 1, 1).
+  """
+  if sizes is None:
+    per_granule = num_devices // num_granules
+    sizes = (-1, math.gcd(per_granule, DEFAULT_FSDP.get(model_size, 1)), 1)
+  shape = _resolve(sizes, num_devices, 'mesh')
+  if dcn is None:
+    return shape, ((num_granules, 1, 1) if shape[0] % num_granules == 0 else
+                   (1, 1, 1))
+  if tuple(dcn) == (1, 1, 1):  # one flat mesh, whatever the network
+    return shape, (1, 1, 1)
+  dcn = _resolve(dcn, num_granules, 'mesh_dcn', 'slices or processes')
+  for axis, size, split in zip(AXES, shape, dcn):
+    if size % split:
+      raise ValueError(f'mesh_dcn {dcn} does not divide mesh {shape}: '
+                       f'{axis} {size} over {split} slices or processes')
+  return shape, dcn
+
+
+def _resolve(sizes, count: int, key: str, what: str = 'devices'):
+  """Resolves one -1 ('the rest') and checks the product is `count`."""
   sizes = list(sizes)
   if len(sizes) != len(AXES):
-    raise ValueError(f'mesh needs {len(AXES)} sizes for {AXES}, got {sizes}')
+    raise ValueError(f'{key} needs {len(AXES)} sizes for {AXES}, got {sizes}')
   if sizes.count(-1) > 1:
-    raise ValueError(f'mesh {sizes} has more than one -1')
+    raise ValueError(f'{key} {sizes} has more than one -1')
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
-    if num_devices % known:
-      raise ValueError(f'mesh {sizes} does not divide {num_devices} devices')
-    sizes[sizes.index(-1)] = num_devices // known
-  if math.prod(sizes) != num_devices or min(sizes) < 1:
-    raise ValueError(f'mesh {dict(zip(AXES, sizes))} has {math.prod(sizes)} '
-                     f'devices, but {num_devices} are present')
+    if count % known:
+      raise ValueError(f'{key} {sizes} does not divide {count} {what}')
+    sizes[sizes.index(-1)] = count // known
+  if math.prod(sizes) != count or min(sizes) < 1:
+    raise ValueError(f'{key} {dict(zip(AXES, sizes))} has {math.prod(sizes)} '
+                     f'{what}, but {count} are present')
   return tuple(sizes)
 
 
-def make_mesh(sizes: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh over all (or the given) devices."""
+def make_mesh(sizes: Sequence[int] | None = (-1, 1, 1), devices=None,
+              dcn: Sequence[int] | None = None, model_size: str = 'B') -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh over all (or the given) devices.
+
+  Axes split over granules (slices, hosts) keep each granule's devices in
+  one contiguous block, so the traffic across the slow network is only along
+  those axes.
+  """
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(sizes, len(devices))
-  try:
-    array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+  shape, dcn = mesh_shapes(sizes, dcn, *topology(devices), model_size)
+  return Mesh(_device_grid(shape, dcn, devices), AXES)
+
+
+def config_mesh(config, devices=None) -> Mesh:
+  """The mesh a config asks for (config.mesh, config.mesh_dcn)."""
+  devices = jax.devices() if devices is None else devices
+  shape, dcn = mesh_shapes(config.mesh, config.mesh_dcn, *topology(devices),
+                           config.model.size)
+  logging.info('mesh %s on %d devices; split over slices or processes: %s',
+               dict(zip(AXES, shape)), len(devices), dict(zip(AXES, dcn)))
+  return make_mesh(shape, devices, dcn)
+
+
+def _device_grid(shape, dcn, devices) -> np.ndarray:
+  """Devices laid out as `shape`, one contiguous block per granule along
+  `dcn`, so only those axes cross the slow network."""
+  if math.prod(dcn) > 1:
+    inner = tuple(s // k for s, k in zip(shape, dcn))
+    return mesh_utils.create_hybrid_device_mesh(
+        inner, dcn, devices, process_is_granule=not _on_tpu(devices))
+  try:  # topology-aware order on TPU
+    return mesh_utils.create_device_mesh(shape, devices)
   except Exception:  # pylint: disable=broad-except
-    array = np.asarray(devices).reshape(shape)
-  return Mesh(array, AXES)
+    return np.asarray(devices, dtype=object).reshape(shape)
 
 
 @contextlib.contextmanager

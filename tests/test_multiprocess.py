@@ -1,6 +1,7 @@
 """Two processes on localhost: they train together, checkpoint, restart and
-match a single process with the same number of devices; when one dies, the
-other stops with a clear message instead of hanging."""
+match a single process with the same number of devices; when one dies or
+never starts, or the coordinator is unreachable, the others stop with one
+clear line instead of hanging."""
 
 import os
 import signal
@@ -8,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import pytest
 
 from mimjax import checkpoint
 import mesh_equivalence
@@ -34,7 +37,8 @@ def _launch(workdir, data_dir, steps, process_id=None, port=None, extra=()):
                 'MIMJAX_COORDINATOR': f'localhost:{port}',
                 'MIMJAX_NUM_PROCESSES': '2',
                 'MIMJAX_PROCESS_ID': str(process_id),
-                'MIMJAX_INIT_TIMEOUT': '120',
+                'MIMJAX_INIT_TIMEOUT': os.environ.get('MIMJAX_INIT_TIMEOUT',
+                                                      '120'),
                 'MIMJAX_HEARTBEAT_TIMEOUT': '10'})
   cmd = [sys.executable, '-m', 'mimjax.main', f'--workdir={workdir}',
          f'--config={REPO}/tests/tiny_config.py:{data_dir}', *FLAGS,
@@ -58,9 +62,14 @@ def test_two_processes_checkpoint_restart_match_one(tmp_path):
   out = single.communicate(timeout=600)[0]
   assert single.returncode == 0, out[-3000:]
 
-  _two_processes(tmp_path / 'multi', data_dir, 6, '--config.stop_at_step=3')
+  # First one flat mesh, then (the default) each process one contiguous
+  # block of the data axis, as hosts or TPU slices would be.
+  _two_processes(tmp_path / 'multi', data_dir, 6, '--config.stop_at_step=3',
+                 '--config.mesh_dcn=(1,1,1)')
   outputs = _two_processes(tmp_path / 'multi', data_dir, 6)
   assert any('resumed from step 3' in o for o in outputs), outputs[0][-2000:]
+  assert ("split over slices or processes: {'data': 2, 'fsdp': 1, "
+          "'tensor': 1}") in outputs[0], outputs[0][-2000:]
 
   ckpts = lambda d: str(d / 'pretrain' / 'checkpoints')
   a = checkpoint.load_state_params(ckpts(tmp_path / 'single'), step=6)
@@ -90,3 +99,45 @@ def test_a_dead_worker_stops_the_other(tmp_path):
   assert ('mimjax: error: process 0 of 2 stops: a collective failed' in out or
           'JAX distributed service detected fatal errors' in out), out[-3000:]
   assert time.time() - started < 120
+
+
+def _alone(tmp_path, process_id, port):
+  """One process of a 2-process job whose partner never starts."""
+  proc = _launch(tmp_path / 'alone', tmp_path / 'tfds', 1, process_id, port)
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 1, out[-3000:]
+  lines = [l for l in out.splitlines() if l.startswith('mimjax: error:')]
+  assert len(lines) == 1 and 'Traceback' not in out, out[-3000:]
+  return lines[0]
+
+
+def test_unreachable_coordinator_is_one_clear_line(tmp_path, monkeypatch):
+  monkeypatch.setenv('MIMJAX_INIT_TIMEOUT', '3')
+  port = _free_port()  # nothing listens there
+  line = _alone(tmp_path, 1, port)
+  assert line == ('mimjax: error: process 1 of 2 gave up after '
+                  'MIMJAX_INIT_TIMEOUT=3 s: nothing answers at the '
+                  f'coordinator address localhost:{port}')
+
+
+def test_a_worker_that_never_joins_is_one_clear_line(tmp_path, monkeypatch):
+  monkeypatch.setenv('MIMJAX_INIT_TIMEOUT', '3')
+  line = _alone(tmp_path, 0, _free_port())
+  assert 'process 0 of 2 gave up after MIMJAX_INIT_TIMEOUT=3 s: not all 2 ' \
+         'processes joined' in line, line
+
+
+def test_bad_distributed_environment(monkeypatch):
+  from mimjax import main
+  monkeypatch.setenv('MIMJAX_COORDINATOR', 'localhost:1234')
+  monkeypatch.setenv('MIMJAX_NUM_PROCESSES', '2')
+  monkeypatch.delenv('MIMJAX_PROCESS_ID', raising=False)
+  with pytest.raises(ValueError, match='MIMJAX_PROCESS_ID is not'):
+    main.initialize_distributed()
+  monkeypatch.setenv('MIMJAX_PROCESS_ID', '2')
+  with pytest.raises(ValueError, match=r'MIMJAX_PROCESS_ID=2 is not in 0 \.\.\. '
+                     r'MIMJAX_NUM_PROCESSES-1 = 1'):
+    main.initialize_distributed()
+  monkeypatch.setenv('MIMJAX_PROCESS_ID', 'one')
+  with pytest.raises(ValueError, match="MIMJAX_PROCESS_ID='one' is not a whole"):
+    main.initialize_distributed()

@@ -142,6 +142,7 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path,
     ('pretrain.mask_ratio', 1.0, r'mask ratio must be in \(0, 1\)'),
     ('mesh', (2, 1, 1), 'has 2 devices, but 8 are present'),
     ('mesh', (1, 1, 8), 'tensor axis 8 does not divide the 4 heads'),
+    ('mesh_dcn', (2, 1, 1), 'mesh_dcn .* has 2 slices or processes, but 1 are'),
     ('pretrain.objective', 'nope', 'unknown pretrain.objective'),
     ('mode', 'train', 'mode must be one of'),
 ])

@@ -28,15 +28,9 @@ _simulate_devices(sys.argv)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags
-import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
-import numpy as np
 
-from mimjax import config as config_lib
-from mimjax import sharding
-from mimjax.training import state as state_lib
-from mimjax.training import trainers
+from mimjax.tools import memory
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file.',
                                           lock_config=True)
@@ -44,59 +38,6 @@ flags.DEFINE_integer('devices', None, 'Simulated CPU devices (default: real).')
 _STAGE = flags.DEFINE_enum('stage', 'pretrain', ['pretrain', 'finetune'],
                            'Which train step to compile.')
 _CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Fine-tuning classes.')
-
-
-def per_device_bytes(tree) -> int:
-  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (max)."""
-  total = 0
-  for leaf in jax.tree.leaves(tree):
-    shard = leaf.sharding.shard_shape(leaf.shape)
-    total += int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize
-  return total
-
-
-def total_bytes(tree) -> int:
-  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree))
-
-
-def check(config, stage: str = 'pretrain', num_classes: int = 1000) -> dict:
-  """Lowers and compiles the stage's train step; returns memory figures."""
-  config_lib.validate(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from(config.sharding_rules)
-  if stage == 'pretrain':
-    recipe = trainers.pretrain_recipe(config, mesh, num_train=10**9)
-    batch_size = config.pretrain.batch_size
-  else:
-    recipe = trainers.finetune_recipe(config, mesh, 10**9, num_classes)
-    batch_size = config.finetune.batch_size
-  state, shardings = state_lib.abstract(recipe.init_variables, recipe.tx,
-                                        config.seed, mesh, rules)
-  batch_sharding = sharding.batch_sharding(mesh)
-  size = recipe.image_size
-  batch = {
-      'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32,
-                                    sharding=batch_sharding),
-      'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32,
-                                    sharding=batch_sharding)}
-  step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings, mesh,
-                                   rules)
-  with sharding.active(mesh, rules):
-    compiled = step.jitted.lower(state, batch).compile()
-  memory = compiled.memory_analysis()
-  return {
-      'devices': jax.device_count(),
-      'mesh': dict(mesh.shape),
-      'params_total': total_bytes(state.params),
-      'params_per_device': per_device_bytes(state.params),
-      'opt_state_total': total_bytes(state.opt_state),
-      'opt_state_per_device': per_device_bytes(state.opt_state),
-      'temp_per_device': getattr(memory, 'temp_size_in_bytes', None),
-      'argument_per_device': getattr(memory, 'argument_size_in_bytes', None),
-      'num_params': sum(int(np.prod(x.shape))
-                        for x in jax.tree.leaves(state.params)),
-  }
 
 
 def _gib(n):
@@ -108,7 +49,7 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError('--config is required')
   try:
-    r = check(_CONFIG.value, _STAGE.value, _CLASSES.value)
+    r = memory.check(_CONFIG.value, _STAGE.value, _CLASSES.value)
   except ValueError as e:
     print(f'memcheck: error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -120,6 +61,10 @@ def main(argv):
         f"({_gib(r['opt_state_total'])} in all)")
   print(f"  activations and scratch (XLA temp) "
         f"{_gib(r['temp_per_device'])} per device")
+  if r['platform'] == 'cpu' and _CONFIG.value.model.remat:
+    print('  note: the CPU backend schedules remat\'s recomputation early, so '
+          'its temp figure shows no saving from model.remat; compile on the '
+          'target device for that')
 
 
 if __name__ == '__main__':

@@ -71,7 +71,7 @@ def stage_steps(c, num_train: int, name: str) -> tuple[int, int]:
 
 
 def _setup(config):
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.config_mesh(config)
   rules = sharding.rules_from(config.sharding_rules)
   return mesh, rules
 
