@@ -85,6 +85,12 @@ def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1):
   if width % mesh[2] or heads % mesh[2]:
     raise ValueError(f'tensor axis {mesh[2]} does not divide the {heads} '
                      f'heads and width {width} of ViT-{config.model.size}')
+  decoder = config.pretrain.decoder
+  if config.mode in ('pretrain', 'pipeline') and (
+      decoder.width % mesh[2] or decoder.num_heads % mesh[2]):
+    raise ValueError(f'tensor axis {mesh[2]} does not divide the '
+                     f'{decoder.num_heads} heads and width {decoder.width} '
+                     'of the decoder (pretrain.decoder)')
   p = config.model.patch_size
   for where, data in (('data', config.data), ('pretrain.data',
                                               config.pretrain.data)):

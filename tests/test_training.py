@@ -154,6 +154,17 @@ def test_bad_config_values_are_one_clear_line(data_dir, key, value, message):
   assert '\n' not in str(error.value)
 
 
+def test_tensor_axis_must_divide_the_decoder_too(data_dir):
+  c = tiny_config(data_dir, mesh=(2, 1, 4), eval_batch_size=96)
+  config_lib.validate(c, num_devices=8)
+  c.pretrain.decoder.num_heads = 2
+  with pytest.raises(ValueError, match='tensor axis 4 does not divide the 2 '
+                     'heads and width 32 of the decoder'):
+    config_lib.validate(c, num_devices=8)
+  c.mode = 'finetune'  # no decoder then
+  config_lib.validate(c, num_devices=8)
+
+
 def test_bad_config_fails_before_anything_runs(tmp_path, data_dir):
   c = tiny_config(data_dir)
   c.pretrain.mask_ratio = 0.0
