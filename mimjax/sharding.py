@@ -50,12 +50,8 @@ def topology(devices=None) -> tuple[int, int]:
   return len(devices), len({_granule(d) for d in devices})
 
 
-def _on_tpu(devices) -> bool:
-  return devices[0].platform == 'tpu'
-
-
 def _granule(device) -> int:
-  return device.slice_index if _on_tpu([device]) else device.process_index
+  return device.slice_index if device.platform == 'tpu' else device.process_index
 
 
 def mesh_shapes(sizes: Sequence[int] | None, dcn: Sequence[int] | None,
@@ -123,7 +119,7 @@ def config_mesh(config, devices=None) -> Mesh:
                            config.model.size)
   logging.info('mesh %s on %d devices; split over slices or processes: %s',
                dict(zip(AXES, shape)), len(devices), dict(zip(AXES, dcn)))
-  return make_mesh(shape, devices, dcn)
+  return Mesh(_device_grid(shape, dcn, devices), AXES)
 
 
 def _device_grid(shape, dcn, devices) -> np.ndarray:
@@ -132,7 +128,7 @@ def _device_grid(shape, dcn, devices) -> np.ndarray:
   if math.prod(dcn) > 1:
     inner = tuple(s // k for s, k in zip(shape, dcn))
     return mesh_utils.create_hybrid_device_mesh(
-        inner, dcn, devices, process_is_granule=not _on_tpu(devices))
+        inner, dcn, devices, process_is_granule=devices[0].platform != 'tpu')
   try:  # topology-aware order on TPU
     return mesh_utils.create_device_mesh(shape, devices)
   except Exception:  # pylint: disable=broad-except
