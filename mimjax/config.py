@@ -8,7 +8,7 @@ from ml_collections import config_dict
 from mimjax import masking, objectives, sharding
 from mimjax.models import vit
 
-MODES = ('pretrain', 'finetune', 'linprobe', 'eval', 'pipeline')
+MODES = ('pretrain', 'finetune', 'linprobe', 'eval', 'analyze', 'pipeline')
 
 
 def data_config(**overrides) -> mlc.ConfigDict:
@@ -61,6 +61,10 @@ def base_config() -> mlc.ConfigDict:
       warmup_epochs=10,
       warmup_steps=0, base_lr=0.1, min_lr=0.0, weight_decay=0.0,
       eval_every=0, enabled=True))
+  c.analyze = mlc.ConfigDict(dict(
+      # 'name=path,...' (path: a checkpoint, or 'random'); '': this run's
+      # pre-trained encoder and a random one. mimjax/analysis/report.py.
+      encoders='', examples=1024, mask_ratio=0.5, seed=0, enabled=True))
   c.eval_batch_size = 1024
   c.log_every = 50
   c.checkpoint_every = 1000
@@ -98,6 +102,9 @@ def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1):
       raise ValueError(f'{where}.image_size {data.image_size} is not '
                        f'divisible by model.patch_size {p}')
   masking.check_ratio(config.pretrain.mask_ratio)
+  if not 0.0 < config.analyze.mask_ratio < 1.0:
+    raise ValueError('analyze.mask_ratio must be in (0, 1), got '
+                     f'{config.analyze.mask_ratio}')
   if config.pretrain.objective not in objectives.REGISTRY:
     raise ValueError(f'unknown pretrain.objective '
                      f'{config.pretrain.objective!r}; known: '

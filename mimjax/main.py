@@ -119,6 +119,13 @@ def run(config, workdir: str, checkpoint_path: str | None = None) -> list[dict]:
   pretrained = os.path.join(stage_dir(workdir, 'pretrain'), 'checkpoints')
   summaries = []
   mode = config.mode
+  analyze = mode == 'analyze' or (mode == 'pipeline' and
+                                  config.analyze.enabled)
+  if analyze:  # a wrong path is an error now, not after training
+    from mimjax.analysis import report  # pylint: disable=g-import-not-at-top
+    encoders = report.parse_encoders(config.analyze.encoders, pretrained)
+    if mode == 'analyze' or config.analyze.encoders:
+      report.check_paths(encoders)
   if mode in ('pretrain', 'pipeline'):
     summaries.append(trainers.pretrain(config, stage_dir(workdir,
                                                          'pretrain'))[1])
@@ -135,6 +142,8 @@ def run(config, workdir: str, checkpoint_path: str | None = None) -> list[dict]:
     init = config.linprobe.init or pretrained
     summaries.append(_tagged(trainers.linprobe(
         config, stage_dir(workdir, 'linprobe'), init)[1], init))
+  if analyze:
+    summaries += report.run(config, stage_dir(workdir, 'analyze'), encoders)
   if mode == 'eval':
     path = checkpoint_path or os.path.join(stage_dir(workdir, 'finetune'),
                                            'checkpoints')
@@ -151,7 +160,8 @@ def _tagged(summary: dict, init: str) -> dict:
 
 def summary_table(summaries: list[dict], config) -> str:
   """A short table of what each stage measured."""
-  keys = ('loss', 'knn_top1', 'top1', 'top5', 'steps', 'train_seconds')
+  keys = ('loss', 'knn_top1', 'top1', 'top5', 'invariance', 'steps',
+          'train_seconds')
   cell = lambda v: (f'{v:>13.4f}' if isinstance(v, float) else
                     f'{"-" if v is None else v!s:>13}')
   lines = [f'{"stage":<10} {"init":<24} ' + ' '.join(f'{k:>13}' for k in keys)]

@@ -29,7 +29,7 @@ def test_pipeline_end_to_end(tmp_path, data_dir):
   c.finetune.scratch_baseline = True
   c.pretrain.knn_every = c.pretrain.recon_every = 20
   summaries = main_lib.run(c, str(tmp_path))
-  pre, fine, scratch, probe = summaries
+  pre, fine, scratch, probe, *analyzed = summaries
   assert pre['stage'] == 'pretrain' and pre['knn_top1'] > 20.0
   assert pre['loss'] < 0.8 * pre['loss_first'], pre
   assert fine['top1'] > 40.0, fine  # chance is 10%
@@ -47,7 +47,21 @@ def test_pipeline_end_to_end(tmp_path, data_dir):
              for f in os.listdir(tmp_path / 'pretrain'))
   with open(tmp_path / 'summary.json') as f:
     assert [s['stage'] for s in json.load(f)] == [
-        'pretrain', 'finetune', 'finetune', 'linprobe']
+        'pretrain', 'finetune', 'finetune', 'linprobe', 'analyze', 'analyze']
+  # The paper's analyses of the pre-trained and a random encoder.
+  assert [s['init'] for s in analyzed] == ['pre-trained', 'random init']
+  with open(tmp_path / 'analyze' / 'analysis.json') as f:
+    analysis = json.load(f)
+  assert analysis['examples'] == 200
+  for name, s in zip(('pre-trained', 'random init'), analyzed):
+    r = analysis['encoders'][name]
+    assert len(r['invariance_cka']) == len(r['invariance_cosine']) == 2
+    assert all(0 < v <= 1 for v in r['invariance_cka'])
+    assert s['invariance'] == r['invariance_cka'][-1]
+  assert np.shape(analysis['cka']['pre-trained vs random init']) == (2, 2)
+  for png in ('occlusion_invariance.png', 'cka_pre_trained_vs_random_init.png'):
+    with open(tmp_path / 'analyze' / png, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
 def test_finetune_loads_pretrained_encoder(tmp_path, data_dir):

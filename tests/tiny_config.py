@@ -24,6 +24,7 @@ def tiny_config(data_dir, **overrides):
                          base_lr=3e-2, drop_path=0.0, mixup=0.0, cutmix=0.0))
   c.linprobe.update(dict(batch_size=64, steps=60, warmup_steps=5,
                          optimizer='adamw', base_lr=4e-2))
+  c.analyze.examples = 200
   c.eval_batch_size = 100
   c.log_every, c.checkpoint_every = 5, 20
   for key, value in overrides.items():
