@@ -10,6 +10,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 import optax
 
@@ -171,12 +172,13 @@ class PretrainMonitor:
     feats, labels = [], []
     with sharding.active(self.mesh, self.rules):
       for batch in data_lib.eval_batches(cfg, self.config.eval_batch_size):
-        valid = batch['valid']
-        g = sharding.global_batch({'image': batch['image']}, self.mesh)
-        f = np.asarray(jax.experimental.multihost_utils.process_allgather(
-            self.encode(params, g['image']), tiled=True))
-        feats.append(f[:len(valid)][valid])
-        labels.append(batch['label'][valid])
+        g = sharding.global_batch(batch, self.mesh)
+        gathered = multihost_utils.process_allgather(
+            (self.encode(params, g['image']), g['label'], g['valid']),
+            tiled=True)
+        f, label, valid = (np.asarray(x) for x in gathered)
+        feats.append(f[valid])
+        labels.append(label[valid])
         if sum(map(len, labels)) >= limit:
           break
     return np.concatenate(feats)[:limit], np.concatenate(labels)[:limit]
