@@ -51,6 +51,12 @@ def test_views_are_complementary_and_features_are_patch_means(data_dir):
   np.testing.assert_allclose(a * 12 + b * 4, 1.0, atol=1e-6)
   assert ((a > 0) != (b > 0)).all()
   assert len({tuple(row) for row in (a > 0)}) > 100  # a fresh mask per image
+  # An image's masks do not depend on how the stream is batched.
+  c.eval_batch_size = 30
+  again = report.layer_features(
+      c, VisiblePatchIds(num_patches), {}, sharding.config_mesh(c),
+      sharding.rules_from(None))
+  np.testing.assert_array_equal(again['view_a'], feats['view_a'])
 
 
 def test_analyze_mode_same_encoder_twice(tmp_path, data_dir):

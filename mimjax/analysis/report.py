@@ -21,6 +21,7 @@ import logging
 import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 
 from mimjax import checkpoint, masking, sharding
@@ -69,15 +70,21 @@ def layer_features(config, encoder, params, mesh, rules) -> dict[str, np.ndarray
   complementary masked views, over the first analyze.examples images."""
   c = config.analyze
   num_patches = (config.data.image_size // config.model.patch_size)**2
-  mask_fn = masking.complementary(c.mask_ratio)
+  key = jax.random.key(c.seed)
 
   def image_features(params, x, ids_keep=None):
     layers = encoder.apply({'params': params}, x, ids_keep)['layers']
     return layers[:, :, 1:].mean(axis=2)  # (depth, B, D)
 
   @jax.jit
-  def views(params, x, key):
-    view_a, view_b = mask_fn(key, x.shape[0], num_patches)
+  def views(params, x, first_row):
+    # Each image's mask depends on its row in the eval stream only, not on
+    # the batch size or the device count.
+    rows = first_row + jnp.arange(x.shape[0])
+    noise = jax.vmap(lambda r: jax.random.uniform(
+        jax.random.fold_in(key, r), (num_patches,)))(rows)
+    view_a = masking.from_noise(noise, c.mask_ratio)
+    view_b = masking.complement(view_a)
     return (image_features(params, x),
             image_features(params, x, view_a.ids_keep),
             image_features(params, x, view_b.ids_keep))
@@ -85,13 +92,12 @@ def layer_features(config, encoder, params, mesh, rules) -> dict[str, np.ndarray
   names = ('whole', 'view_a', 'view_b')
   parts = {n: [] for n in names}
   seen = 0
-  key = jax.random.key(c.seed)
   with sharding.active(mesh, rules):
     for i, batch in enumerate(data_lib.eval_batches(config.data,
                                                     config.eval_batch_size)):
       g = sharding.global_batch({'image': batch['image'],
                                  'valid': batch['valid']}, mesh)
-      out = views(params, g['image'], jax.random.fold_in(key, i))
+      out = views(params, g['image'], i * config.eval_batch_size)
       out, valid = multihost_utils.process_allgather(
           (out, g['valid']), tiled=True)
       for name, feats in zip(names, out):
