@@ -25,18 +25,19 @@ def get_config(arg: str = 'digits'):
     c.pretrain.steps, c.pretrain.warmup_steps = 20_000, 1_000
     c.pretrain.batch_size = 256
     c.finetune.batch_size, c.finetune.epochs = 256, 100
-  else:
+  else:  # configs/demo.py's recipe, pre-trained on one photo
     c.model.size, c.model.patch_size = 'mu', 4
     c.data = config_lib.data_config(name='digits', image_size=32,
                                     randaug=False, erase_prob=0.0,
                                     min_scale=0.5, flip=False)
     c.pretrain.data = config_lib.data_config(name='one_image', image_size=32)
-    c.pretrain.steps, c.pretrain.warmup_steps = 500, 50
-    c.pretrain.batch_size = 64
-    c.pretrain.decoder.update(dict(width=64, depth=1, num_heads=4))
-    c.finetune.batch_size, c.finetune.epochs = 64, 10
-    c.finetune.warmup_epochs = 1
+    c.pretrain.steps, c.pretrain.warmup_steps = 330, 55
+    c.pretrain.batch_size, c.pretrain.base_lr = 128, 1e-3
+    c.pretrain.decoder.update(dict(width=64, depth=2, num_heads=4))
+    c.finetune.batch_size, c.finetune.epochs = 128, 10
+    c.finetune.warmup_epochs, c.finetune.base_lr = 2, 1e-2
+    c.finetune.drop_path = 0.0
     c.finetune.mixup = c.finetune.cutmix = 0.0
     c.eval_batch_size = 100
-    c.log_every, c.checkpoint_every = 50, 200
+    c.log_every, c.checkpoint_every = 50, 300
   return c
