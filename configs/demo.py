@@ -35,6 +35,6 @@ def get_config(arg: str = ''):
   c.linprobe.optimizer, c.linprobe.base_lr = 'adamw', 1e-2
   c.linprobe.batch_size, c.linprobe.epochs = 256, 20
   c.linprobe.warmup_epochs = 2
-  c.eval_batch_size = 100
+  c.eval_batch_size = 128  # divisible by 1 to 128 devices
   c.log_every, c.checkpoint_every = 50, 300
   return c

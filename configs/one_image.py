@@ -38,6 +38,6 @@ def get_config(arg: str = 'digits'):
     c.finetune.warmup_epochs, c.finetune.base_lr = 2, 1e-2
     c.finetune.drop_path = 0.0
     c.finetune.mixup = c.finetune.cutmix = 0.0
-    c.eval_batch_size = 100
+    c.eval_batch_size = 128
     c.log_every, c.checkpoint_every = 50, 300
   return c

@@ -30,6 +30,6 @@ def get_config(arg: str = 'cifar10'):
   c.pretrain.recon_every = 2000
   c.finetune.batch_size, c.finetune.epochs = 512, 100
   c.linprobe.batch_size, c.linprobe.epochs = 4096, 90
-  c.eval_batch_size = 500
+  c.eval_batch_size = 512
   c.log_every, c.checkpoint_every = 100, 2000
   return c
