@@ -6,7 +6,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdir/demo
 
-.PHONY: demo test bench parity golden clean
+COMPARE ?= workdir/compare
+VARIANTS ?= mae siamese rmae cmae
+
+.PHONY: demo compare test bench parity golden clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +21,17 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m mimjax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+# The paper's comparison in small: each objective pre-trained and fine-tuned
+# as in the demo, then occlusion invariance and CKA of all their encoders.
+compare: $(VENV)/.installed
+	set -e; for v in $(VARIANTS); do \
+	  $(BIN)/python -m mimjax.main --config=configs/demo.py:$$v \
+	    --workdir=$(COMPARE)/$$v --config.linprobe.enabled=False \
+	    --config.finetune.scratch_baseline=False --config.analyze.enabled=False; \
+	done
+	$(BIN)/python -m mimjax.main --config=configs/demo.py --config.mode=analyze \
+	  --workdir=$(COMPARE) --config.analyze.encoders="$(foreach v,$(VARIANTS),$(v)=$(COMPARE)/$(v)/pretrain/checkpoints,)random=random"
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests

@@ -4,14 +4,37 @@ MAE pre-training of a small ViT on scikit-learn's digits (images only), then
 fine-tuning on digits from that checkpoint and from random initialisation,
 then a linear probe, then the occlusion invariance of the pre-trained and a
 random encoder. Prints what each stage measured.
+
+  --config=configs/demo.py:rmae   the same with another of the paper's
+                                  objectives (configs/mim_variants.py), as
+                                  `make compare` runs them
 """
+
+import importlib.util
+import os
+
+import ml_collections as mlc
 
 from mimjax import config as config_lib
 
 
-def get_config(arg: str = ''):
-  del arg
+def _variants():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      'mim_variants.py')
+  spec = importlib.util.spec_from_file_location('mim_variants', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.VARIANTS
+
+
+def get_config(arg: str = 'mae'):
+  variants = _variants()
+  if (arg or 'mae') not in variants:
+    raise ValueError(f'unknown variant {arg!r}; known: {sorted(variants)}')
   c = config_lib.base_config()
+  mask, objective, kwargs = variants[arg or 'mae']
+  c.pretrain.mask, c.pretrain.objective = mask, objective
+  c.pretrain.objective_kwargs = mlc.ConfigDict(kwargs)
   c.mode = 'pipeline'
   c.model.size, c.model.patch_size = 'mu', 4
   # Digits are tiny and not mirror-symmetric: mild crops, no flips.
@@ -20,6 +43,8 @@ def get_config(arg: str = ''):
   c.pretrain.data = config_lib.data_config(name='digits', image_size=32,
                                            flip=False)
   c.pretrain.decoder.update(dict(width=64, depth=2, num_heads=4))
+  if kwargs.get('level') == 'patch':  # C-MAE: a feature head
+    c.pretrain.decoder.out_dim = 64
   c.pretrain.batch_size, c.pretrain.epochs = 128, 30
   c.pretrain.warmup_epochs = 5
   c.pretrain.base_lr = 1e-3

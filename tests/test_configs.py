@@ -11,7 +11,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'configs')
 
 RECIPES = [
-    ('demo.py', ''),
+    ('demo.py', ''), ('demo.py', 'siamese'), ('demo.py', 'cmae'),
     ('mae_imagenet.py', 'B'), ('mae_imagenet.py', 'L,1600'),
     ('mae_imagenet.py', 'H'),
     *[('mim_variants.py', v) for v in ('mae', 'siamese', 'rmae', 'cmae',
