@@ -102,6 +102,9 @@ def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1):
       raise ValueError(f'{where}.image_size {data.image_size} is not '
                        f'divisible by model.patch_size {p}')
   masking.check_ratio(config.pretrain.mask_ratio)
+  if config.analyze.examples < 4:
+    raise ValueError('analyze.examples must be at least 4 (CKA needs them), '
+                     f'got {config.analyze.examples}')
   if not 0.0 < config.analyze.mask_ratio < 1.0:
     raise ValueError('analyze.mask_ratio must be in (0, 1), got '
                      f'{config.analyze.mask_ratio}')

@@ -158,6 +158,8 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path,
     ('mesh', (1, 1, 8), 'tensor axis 8 does not divide the 4 heads'),
     ('mesh_dcn', (2, 1, 1), 'mesh_dcn .* has 2 slices or processes, but 1 are'),
     ('pretrain.objective', 'nope', 'unknown pretrain.objective'),
+    ('analyze.examples', 2, 'analyze.examples must be at least 4'),
+    ('analyze.mask_ratio', 0.0, r'analyze.mask_ratio must be in \(0, 1\)'),
     ('mode', 'train', 'mode must be one of'),
 ])
 def test_bad_config_values_are_one_clear_line(data_dir, key, value, message):
