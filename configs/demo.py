@@ -32,9 +32,6 @@ def get_config(arg: str = 'mae'):
   if (arg or 'mae') not in variants:
     raise ValueError(f'unknown variant {arg!r}; known: {sorted(variants)}')
   c = config_lib.base_config()
-  mask, objective, kwargs = variants[arg or 'mae']
-  c.pretrain.mask, c.pretrain.objective = mask, objective
-  c.pretrain.objective_kwargs = mlc.ConfigDict(kwargs)
   c.mode = 'pipeline'
   c.model.size, c.model.patch_size = 'mu', 4
   # Digits are tiny and not mirror-symmetric: mild crops, no flips.
@@ -43,6 +40,9 @@ def get_config(arg: str = 'mae'):
   c.pretrain.data = config_lib.data_config(name='digits', image_size=32,
                                            flip=False)
   c.pretrain.decoder.update(dict(width=64, depth=2, num_heads=4))
+  mask, objective, kwargs = variants[arg or 'mae']
+  c.pretrain.mask, c.pretrain.objective = mask, objective
+  c.pretrain.objective_kwargs = mlc.ConfigDict(kwargs)
   if kwargs.get('level') == 'patch':  # C-MAE: a feature head
     c.pretrain.decoder.out_dim = 64
   c.pretrain.batch_size, c.pretrain.epochs = 128, 30
