@@ -48,19 +48,6 @@ LOG=''
 DRY=${DRY_RUN:-0}
 EXTRA=()
 
-take() {  # --opt=value or --opt value; sets VALUE and SHIFT
-  local opt=$1 has_next=$3
-  if [[ $opt == *=* ]]; then
-    VALUE=${opt#*=}
-    SHIFT=1
-  elif [[ $has_next == 1 ]]; then
-    VALUE=$2
-    SHIFT=2
-  else
-    die "${opt} needs a value"
-  fi
-}
-
 while (($#)); do
   arg=$1
   has_next=0

@@ -6,6 +6,21 @@ die() {
   exit 2
 }
 
+# take OPT NEXT HAS_NEXT: --opt=value or --opt value; sets VALUE and SHIFT.
+# shellcheck disable=SC2034  # the caller reads VALUE and SHIFT
+take() {
+  local opt=$1 has_next=$3
+  if [[ $opt == *=* ]]; then
+    VALUE=${opt#*=}
+    SHIFT=1
+  elif [[ $has_next == 1 ]]; then
+    VALUE=$2
+    SHIFT=2
+  else
+    die "${opt} needs a value"
+  fi
+}
+
 truthy() {
   case "${1:-0}" in 1 | true | yes | on) return 0 ;; *) return 1 ;; esac
 }

@@ -92,19 +92,6 @@ STEPS=()
 EXTRA=()
 
 # --opt=value or --opt value; sets VALUE and SHIFT for the caller.
-take() {
-  local opt=$1 next=${2-} has_next=$3
-  if [[ $opt == *=* ]]; then
-    VALUE=${opt#*=}
-    SHIFT=1
-  elif [[ $has_next == 1 ]]; then
-    VALUE=$next
-    SHIFT=2
-  else
-    die "${opt} needs a value"
-  fi
-}
-
 while (($#)); do
   arg=$1
   has_next=0
