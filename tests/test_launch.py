@@ -64,6 +64,17 @@ def ok(script, *args, **kwargs):
   return proc.stdout
 
 
+def one_error_line(script, *args):
+  """A dry run that fails with exactly one `script: error:` line, having
+  printed (or run) nothing before it; returns that line."""
+  proc = run(script, '--dry-run', *args)
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'{script}: error:'), lines
+  assert proc.stdout == ''
+  return lines[0]
+
+
 def commands(stdout: str) -> list[list[str]]:
   """The printed commands (comments dropped), each split like a shell."""
   return [shlex.split(line) for line in stdout.splitlines()
@@ -334,12 +345,7 @@ def test_tpu_copy_builds_a_tarball_without_the_venv(tmp_path):
     (['--name=t', '--zone'], '--zone needs a value'),
 ])
 def test_tpu_bad_input(args, message):
-  proc = run('tpu_vm.sh', '--dry-run', *args)
-  assert proc.returncode != 0
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('tpu_vm.sh: error:'), lines
-  assert message in lines[0]
-  assert proc.stdout == ''  # nothing printed (or run) before the error
+  assert message in one_error_line('tpu_vm.sh', *args)
 
 
 # ------------------------------------------------------------------ GPU node
@@ -397,11 +403,7 @@ def test_gpu_node_real_run_with_fake_python(tmp_path):
     (['--config=c.py', '--workdir=/w', '--nodes=2'], 'unknown argument'),
 ])
 def test_gpu_node_bad_input(args, message):
-  proc = run('gpu_node.sh', '--dry-run', *args)
-  assert proc.returncode != 0
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('gpu_node.sh: error:'), lines
-  assert message in lines[0]
+  assert message in one_error_line('gpu_node.sh', *args)
 
 
 # ------------------------------------------------------------------ SLURM
@@ -502,11 +504,7 @@ def test_slurm_sbatch_outside_a_job():
     (['--config=c.py', '--workdir=/w', '--gpus=8'], 'unknown argument'),
 ])
 def test_slurm_bad_input(args, message):
-  proc = run('slurm.sh', '--dry-run', *args)
-  assert proc.returncode != 0
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('slurm.sh: error:'), lines
-  assert message in lines[0]
+  assert message in one_error_line('slurm.sh', *args)
 
 
 # ------------------------------------------------------------------ docs
