@@ -4,6 +4,7 @@ import collections
 import hashlib
 
 # mimjax.data before TensorFlow: it loads triton first (see its __init__).
+from mimjax import config as config_lib
 from mimjax import data
 from mimjax.data import augment
 
@@ -24,7 +25,7 @@ def data_dir(tmp_path_factory):
 
 
 def _config(data_dir, **kwargs):
-  config = data.default_config()
+  config = config_lib.data_config()
   config.data_dir = data_dir
   config.update(kwargs)
   return config

@@ -26,7 +26,7 @@ import numpy as np
 
 from mimjax import checkpoint, masking, sharding
 from mimjax import data as data_lib
-from mimjax.analysis import cka, invariance
+from mimjax.analysis import cka, invariance, visualize
 from mimjax.training import trainers
 
 RANDOM = 'random'
@@ -112,8 +112,7 @@ def layer_features(config, encoder, params, mesh,
 
 def run(config, workdir: str, encoders: dict[str, str]) -> list[dict]:
   """Runs both analyses; returns one summary row per encoder."""
-  mesh = sharding.config_mesh(config)
-  rules = sharding.rules_from(config.sharding_rules)
+  mesh, rules = trainers.setup(config)
   encoder = trainers.make_encoder(config.model)
   grid = (config.data.image_size // config.model.patch_size,) * 2
   feats, results = {}, {}
@@ -152,25 +151,10 @@ def _slug(name: str) -> str:
   return ''.join(ch if ch.isalnum() else '_' for ch in name)
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def _save(fig, path: str):
-  plt = _pyplot()
-  fig.tight_layout()
-  with checkpoint.resolve(path).open('wb') as f:
-    fig.savefig(f, format='png', dpi=120)
-  plt.close(fig)
-
-
 def plot_invariance(path: str, results: dict, mask_ratio: float,
                     examples: int):
   """Occlusion invariance (CKA between complementary views) per block."""
-  plt = _pyplot()
+  plt = visualize.pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 3.6))
   for name, r in results.items():
     values = r['invariance_cka']
@@ -182,12 +166,13 @@ def plot_invariance(path: str, results: dict, mask_ratio: float,
   ax.set_title(f'Occlusion invariance ({examples} images, mask ratio '
                f'{mask_ratio})', fontsize=9)
   ax.legend(fontsize=8)
-  _save(fig, path)
+  fig.tight_layout()
+  visualize.write_figure(fig, path, dpi=120)
 
 
 def plot_cka(path: str, matrix: np.ndarray, name_a: str, name_b: str):
   """Block-by-block CKA heatmap between two encoders."""
-  plt = _pyplot()
+  plt = visualize.pyplot()
   fig, ax = plt.subplots(figsize=(4.4, 3.8))
   rows, cols = matrix.shape
   image = ax.imshow(matrix, origin='lower', vmin=0, vmax=1, cmap='magma',
@@ -198,4 +183,5 @@ def plot_cka(path: str, matrix: np.ndarray, name_a: str, name_b: str):
   ax.set_ylabel(f'{name_a}: block')
   ax.set_title(f'CKA, {name_a} vs {name_b}', fontsize=9)
   fig.colorbar(image, ax=ax)
-  _save(fig, path)
+  fig.tight_layout()
+  visualize.write_figure(fig, path, dpi=120)

@@ -41,11 +41,27 @@ def reconstruction_grid(images, pred, mask, patch_size: int,
   return np.concatenate(rows, axis=0)
 
 
-def save_png(path: str, image: np.ndarray, title: str = ''):
-  """Writes an image (H, W, 3 uint8) with a title as a PNG via matplotlib."""
+def pyplot():
+  """matplotlib.pyplot on the file-only backend (imported on first use)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def write_figure(fig, path: str, **savefig_kwargs):
+  """Saves a figure as a PNG at a local or gs:// path, then closes it."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', **savefig_kwargs)
+  pyplot().close(fig)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())
+
+
+def save_png(path: str, image: np.ndarray, title: str = ''):
+  """Writes an image (H, W, 3 uint8) with a title as a PNG via matplotlib."""
+  plt = pyplot()
   height, width = image.shape[:2]
   scale = max(1.0, 256 / width)
   fig = plt.figure(figsize=(width * scale / 100 + 0.2,
@@ -54,9 +70,4 @@ def save_png(path: str, image: np.ndarray, title: str = ''):
   plt.axis('off')
   if title:
     plt.title(title, fontsize=8)
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', bbox_inches='tight')
-  plt.close(fig)
-  path = epath.Path(path)  # local or gs://
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(buffer.getvalue())
+  write_figure(fig, path, bbox_inches='tight')

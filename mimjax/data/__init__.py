@@ -20,7 +20,6 @@ from mimjax.data.builders import Digits
 from mimjax.data.builders import one_image_builder
 from mimjax.data.builders import OneImage
 from mimjax.data.builders import OneImageConfig
-from mimjax.data.pipeline import default_config
 from mimjax.data.pipeline import eval_batches
 from mimjax.data.pipeline import folder_info
 from mimjax.data.pipeline import FolderInfo

@@ -30,7 +30,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mimjax import config as config_lib
 from mimjax.data import augment
 from mimjax.data import builders
 
@@ -42,11 +41,6 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 # PIL formats that tf.io.decode_image reads (MPO: multi-picture JPEG).
 _PIL_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'GIF', 'WEBP')
 _SMALL = 64  # Eval images whose shorter side is below this are just resized.
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Data settings with small, offline defaults (one schema: mimjax.config)."""
-  return config_lib.data_config()
 
 
 @dataclasses.dataclass(frozen=True)

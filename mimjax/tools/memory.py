@@ -33,8 +33,7 @@ def compile_step(config, stage: str = 'pretrain', num_classes: int = 1000):
   """The stage's train step compiled ahead of time, its abstract state and
   its mesh."""
   config_lib.validate(config, *sharding.topology())
-  mesh = sharding.config_mesh(config)
-  rules = sharding.rules_from(config.sharding_rules)
+  mesh, rules = trainers.setup(config)
   if stage == 'pretrain':
     recipe = trainers.pretrain_recipe(config, mesh, num_train=10**9)
     batch_size = config.pretrain.batch_size

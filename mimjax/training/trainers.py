@@ -71,7 +71,8 @@ def stage_steps(c, num_train: int, name: str) -> tuple[int, int]:
   return total, min(warmup, total)
 
 
-def _setup(config):
+def setup(config):
+  """The mesh and logical-axis rules a config asks for."""
   mesh = sharding.config_mesh(config)
   rules = sharding.rules_from(config.sharding_rules)
   return mesh, rules
@@ -136,7 +137,7 @@ def pretrain_recipe(config, mesh, num_train: int) -> Recipe:
 def pretrain(config, workdir: str):
   """MIM pre-training with the configured mask and loss functions."""
   c = config.pretrain
-  mesh, rules = _setup(config)
+  mesh, rules = setup(config)
   recipe = pretrain_recipe(
       config, mesh, data_lib.num_examples(c.data, c.data.train_split))
   state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
@@ -343,7 +344,7 @@ def finetune_recipe(config, mesh, num_train: int, num_classes: int) -> Recipe:
 
 def finetune(config, workdir: str, init: str | None = None):
   """End-to-end fine-tuning (init=None: from random initialisation)."""
-  mesh, rules = _setup(config)
+  mesh, rules = setup(config)
   recipe = finetune_recipe(
       config, mesh,
       data_lib.num_examples(config.data, config.data.train_split),
@@ -393,7 +394,7 @@ class ProbeModel(nn.Module):
 def linprobe(config, workdir: str, init: str):
   """Linear probe of a frozen pre-trained encoder (LARS, BN without affine)."""
   c = config.linprobe
-  mesh, rules = _setup(config)
+  mesh, rules = setup(config)
   model = ProbeModel(make_encoder(config.model), data_lib.num_classes(
       config.data))
   dp = sharding.data_parallel_size(mesh)
@@ -451,7 +452,7 @@ def linprobe(config, workdir: str, init: str):
 
 def evaluate(config, checkpoint_dir: str):
   """Top-1 / top-5 of a fine-tuned classifier checkpoint on the eval split."""
-  mesh, rules = _setup(config)
+  mesh, rules = setup(config)
   model = make_classifier(config, data_lib.num_classes(config.data))
   params = checkpoint.load_state_params(checkpoint_dir)
   abstract = nn.meta.unbox(jax.eval_shape(
