@@ -102,6 +102,9 @@ def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1):
       raise ValueError(f'{where}.image_size {data.image_size} is not '
                        f'divisible by model.patch_size {p}')
   masking.check_ratio(config.pretrain.mask_ratio)
+  if config.linprobe.optimizer not in ('lars', 'adamw'):
+    raise ValueError("linprobe.optimizer must be 'lars' or 'adamw', got "
+                     f'{config.linprobe.optimizer!r}')
   if config.analyze.examples < 4:
     raise ValueError('analyze.examples must be at least 4 (CKA needs them), '
                      f'got {config.analyze.examples}')

@@ -159,6 +159,7 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path,
     ('mesh_dcn', (2, 1, 1), 'mesh_dcn .* has 2 slices or processes, but 1 are'),
     ('pretrain.objective', 'nope', 'unknown pretrain.objective'),
     ('analyze.examples', 2, 'analyze.examples must be at least 4'),
+    ('linprobe.optimizer', 'sgd', "linprobe.optimizer must be 'lars' or"),
     ('analyze.mask_ratio', 0.0, r'analyze.mask_ratio must be in \(0, 1\)'),
     ('mode', 'train', 'mode must be one of'),
 ])
