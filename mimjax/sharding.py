@@ -105,21 +105,18 @@ def make_mesh(sizes: Sequence[int] | None = (-1, 1, 1), devices=None,
 
   Axes split over granules (slices, hosts) keep each granule's devices in
   one contiguous block, so the traffic across the slow network is only along
-  those axes.
+  those axes. See `mesh_shapes` for None and -1.
   """
   devices = jax.devices() if devices is None else devices
   shape, dcn = mesh_shapes(sizes, dcn, *topology(devices), model_size)
+  logging.info('mesh %s on %d devices; split over slices or processes: %s',
+               dict(zip(AXES, shape)), len(devices), dict(zip(AXES, dcn)))
   return Mesh(_device_grid(shape, dcn, devices), AXES)
 
 
 def config_mesh(config, devices=None) -> Mesh:
   """The mesh a config asks for (config.mesh, config.mesh_dcn)."""
-  devices = jax.devices() if devices is None else devices
-  shape, dcn = mesh_shapes(config.mesh, config.mesh_dcn, *topology(devices),
-                           config.model.size)
-  logging.info('mesh %s on %d devices; split over slices or processes: %s',
-               dict(zip(AXES, shape)), len(devices), dict(zip(AXES, dcn)))
-  return Mesh(_device_grid(shape, dcn, devices), AXES)
+  return make_mesh(config.mesh, devices, config.mesh_dcn, config.model.size)
 
 
 def _device_grid(shape, dcn, devices) -> np.ndarray:
