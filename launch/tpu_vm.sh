@@ -91,7 +91,6 @@ DRY=${DRY_RUN:-0}
 STEPS=()
 EXTRA=()
 
-# --opt=value or --opt value; sets VALUE and SHIFT for the caller.
 while (($#)); do
   arg=$1
   has_next=0
