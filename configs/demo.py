@@ -5,32 +5,19 @@ fine-tuning on digits from that checkpoint and from random initialisation,
 then a linear probe, then the occlusion invariance of the pre-trained and a
 random encoder. Prints what each stage measured.
 
-  --config=configs/demo.py:rmae   the same with another of the paper's
-                                  objectives (configs/mim_variants.py), as
-                                  `make compare` runs them
+  --config=configs/demo.py:rmae   the same with another variant of the
+                                  transform x similarity matrix
+                                  (mimjax/matrix.py), as `make compare`
+                                  and `make results` run them
 """
-
-import importlib.util
-import os
 
 import ml_collections as mlc
 
 from mimjax import config as config_lib
-
-
-def _variants():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      'mim_variants.py')
-  spec = importlib.util.spec_from_file_location('mim_variants', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.VARIANTS
+from mimjax import matrix
 
 
 def get_config(arg: str = 'mae'):
-  variants = _variants()
-  if (arg or 'mae') not in variants:
-    raise ValueError(f'unknown variant {arg!r}; known: {sorted(variants)}')
   c = config_lib.base_config()
   c.mode = 'pipeline'
   c.model.size, c.model.patch_size = 'mu', 4
@@ -40,11 +27,10 @@ def get_config(arg: str = 'mae'):
   c.pretrain.data = config_lib.data_config(name='digits', image_size=32,
                                            flip=False)
   c.pretrain.decoder.update(dict(width=64, depth=2, num_heads=4))
-  mask, objective, kwargs = variants[arg or 'mae']
-  c.pretrain.mask, c.pretrain.objective = mask, objective
-  c.pretrain.objective_kwargs = mlc.ConfigDict(kwargs)
-  if kwargs.get('level') == 'patch':  # C-MAE: a feature head
-    c.pretrain.decoder.out_dim = 64
+  matrix.apply(c, arg, feature_dim=64)
+  if c.pretrain.views == 'crops':  # digits are not mirror-symmetric
+    c.pretrain.view_kwargs = mlc.ConfigDict(dict(scale=(0.2, 1.0),
+                                                 flip=False))
   c.pretrain.batch_size, c.pretrain.epochs = 128, 30
   c.pretrain.warmup_epochs = 5
   c.pretrain.base_lr = 1e-3
@@ -56,6 +42,7 @@ def get_config(arg: str = 'mae'):
   c.finetune.drop_path = 0.0
   c.finetune.mixup = c.finetune.cutmix = 0.0
   c.finetune.scratch_baseline = True
+  c.finetune.scratch_layer_decay = 1.0  # random init also without decay
   # The reference LARS needs thousands of steps; AdamW fits a probe in minutes.
   c.linprobe.optimizer, c.linprobe.base_lr = 'adamw', 1e-2
   c.linprobe.batch_size, c.linprobe.epochs = 256, 20

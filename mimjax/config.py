@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections as mlc
 from ml_collections import config_dict
 
-from mimjax import masking, objectives, sharding
+from mimjax import masking, objectives, sharding, views
 from mimjax.models import vit
 
 MODES = ('pretrain', 'finetune', 'linprobe', 'eval', 'analyze', 'pipeline')
@@ -44,6 +44,9 @@ def base_config() -> mlc.ConfigDict:
       data=data_config(),  # what is pre-trained on
       objective='mae', objective_kwargs=mlc.ConfigDict(dict(norm_pix=True)),
       mask='random', mask_ratio=0.75,
+      # 'identity' (the batch itself) or 'crops' (mimjax/views.py), with
+      # view_kwargs; the views are drawn on device, before masking.
+      views='identity', view_kwargs=mlc.ConfigDict(),
       decoder=mlc.ConfigDict(dict(width=512, depth=8, num_heads=16,
                                   out_dim=0)),  # 0: pixel head p*p*C
       batch_size=4096, epochs=800, steps=0, warmup_epochs=40, warmup_steps=0,
@@ -55,7 +58,9 @@ def base_config() -> mlc.ConfigDict:
       warmup_steps=0, base_lr=5e-4, min_lr=1e-6, layer_decay=0.65,
       weight_decay=0.05, b2=0.999, drop_path=0.1, label_smoothing=0.1,
       mixup=0.8, cutmix=1.0, clip_norm=0.0, accumulate=1, pool='gap',
-      eval_every=0, scratch_baseline=False))
+      eval_every=0, scratch_baseline=False,
+      # > 0: one more random-init run with this layer decay (1.0: none).
+      scratch_layer_decay=0.0))
   c.linprobe = mlc.ConfigDict(dict(
       init='', optimizer='lars', batch_size=16384, epochs=90, steps=0,
       warmup_epochs=10,
@@ -115,6 +120,8 @@ def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1):
     raise ValueError(f'unknown pretrain.objective '
                      f'{config.pretrain.objective!r}; known: '
                      f'{sorted(objectives.REGISTRY)}')
+  if config.mode in ('pretrain', 'pipeline'):
+    check_transform(config.pretrain)
   for stage in ('pretrain', 'finetune', 'linprobe'):
     batch = config[stage].batch_size
     if batch % data_parallel:
@@ -123,3 +130,48 @@ def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1):
   if config.eval_batch_size % data_parallel:
     raise ValueError(f'eval_batch_size {config.eval_batch_size} is not '
                      f'divisible by the data-parallel size {data_parallel}')
+
+
+# Views each mask function gives (None: one per view of the view function).
+MASK_VIEWS = {'random': 1, 'block': 1, 'grid': 1, 'complementary': 2,
+              'independent': None, 'none': None}
+POSITIONAL = ('mae', 'siamese', 'rmae')  # compare pixels patch by patch
+
+
+def check_transform(c: mlc.ConfigDict):
+  """Refuses a (views, mask, objective) triple that makes no sense, naming
+  why (docs/objectives.md, "The transform x similarity matrix")."""
+  views.get(c.views, **c.view_kwargs.to_dict())  # unknown names and knobs
+  if c.mask not in MASK_VIEWS:
+    raise ValueError(f'unknown pretrain.mask {c.mask!r}; known: '
+                     f'{sorted(MASK_VIEWS)}')
+  crops = c.views == 'crops'
+  kw = c.view_kwargs
+  aligned = not crops or (tuple(kw.get('scale', (0.08, 1.0))) == (1.0, 1.0)
+                          and not kw.get('flip', True))
+  num_views = (kw.get('num_views', 2) if crops else 1)
+  masks = MASK_VIEWS[c.mask] or (num_views if crops else 2)
+  what = f'pretrain.views={c.views!r} with pretrain.mask={c.mask!r}'
+  if c.mask == 'none' and not crops:
+    raise ValueError(f'{what} gives identical views: nothing to learn; use '
+                     "views='crops' or a mask that hides patches")
+  if crops and masks != num_views and c.mask != 'none':
+    raise ValueError(f'{what}: {num_views} crops need one mask each; use '
+                     "mask='independent' (crop + mask) or 'none'")
+  name = c.objective
+  level = c.objective_kwargs.get('level', 'patch')
+  if name == 'siamese' and c.objective_kwargs.get('oracle', False):
+    name = 'mae'
+  if name != 'mae' and masks < 2:
+    raise ValueError(f'pretrain.objective={name!r} compares two views; '
+                     f'{what} gives one')
+  patchwise = name in POSITIONAL or (name == 'cmae' and level == 'patch')
+  if patchwise and name != 'mae' and not aligned:
+    raise ValueError(
+        f'pretrain.objective={name!r} compares the views patch by patch, '
+        f'but {what} makes crops whose positions do not correspond (mimjax '
+        "does not align crops by their boxes); use cmae level='image' or "
+        'simsiam, or views without crops and flips')
+  if patchwise and c.mask == 'none':
+    raise ValueError(f'pretrain.objective={name!r} predicts hidden patches; '
+                     f'{what} hides none')

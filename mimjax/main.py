@@ -138,6 +138,14 @@ def run(config, workdir: str, checkpoint_path: str | None = None) -> list[dict]:
       summaries.append(_tagged(trainers.finetune(
           config, stage_dir(workdir, 'finetune_scratch'), None)[1],
                                'random init'))
+    decay = config.finetune.scratch_layer_decay
+    if decay:
+      flat = config.copy_and_resolve_references()
+      with flat.unlocked():
+        flat.finetune.layer_decay = decay
+      summaries.append(_tagged(trainers.finetune(
+          flat, stage_dir(workdir, f'finetune_scratch_ld{decay:g}'), None)[1],
+                               f'random init, decay {decay:g}'))
   if mode == 'linprobe' or (mode == 'pipeline' and config.linprobe.enabled):
     init = config.linprobe.init or pretrained
     summaries.append(_tagged(trainers.linprobe(

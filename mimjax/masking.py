@@ -201,3 +201,21 @@ def from_noise(noise: jax.Array, ratio: float) -> Mask:
   """The reference MAE mask for given noise (B, L): keeps the lowest values."""
   check_ratio(ratio)
   return from_scores(noise, num_kept(noise.shape[1], ratio))
+
+
+def none(num_views: int = 2) -> MaskFn:
+  """`num_views` views that see every patch (a transform without occlusion,
+  e.g. two crops: `views.crops` + `none` is SimCLR's transform)."""
+
+  def mask_fn(rng, batch_size, num_patches):
+    del rng
+    ids = jnp.broadcast_to(jnp.arange(num_patches), (batch_size, num_patches))
+    view = Mask(ids, ids, jnp.zeros((batch_size, num_patches), jnp.float32))
+    return (view,) * num_views
+  return mask_fn
+
+
+def hidden_and_seen(a: Mask, b: Mask) -> jax.Array:
+  """(B, L) weights: 1 where view A hides the patch and view B sees it,
+  a.mask * (1 - b.mask). For complementary views this is exactly a.mask."""
+  return a.mask * (1.0 - b.mask)

@@ -6,16 +6,19 @@ import os
 import pytest
 
 from mimjax import config as config_lib
+from mimjax import matrix
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'configs')
 
 RECIPES = [
     ('demo.py', ''), ('demo.py', 'siamese'), ('demo.py', 'cmae'),
+    ('demo.py', 'simclr'), ('demo.py', 'crop_mask'),
     ('mae_imagenet.py', 'B'), ('mae_imagenet.py', 'L,1600'),
     ('mae_imagenet.py', 'H'),
     *[('mim_variants.py', v) for v in ('mae', 'siamese', 'rmae', 'cmae',
-                                       'cmae_image', 'simsiam', 'rmae,L')],
+                                       'cmae_image', 'simsiam', 'simclr',
+                                       'crop_mask', 'rmae,L')],
     ('one_image.py', 'digits'), ('one_image.py', 'imagenette'),
     *[('small_datasets.py', d) for d in ('cifar10', 'cifar100', 'imagenette')],
 ]
@@ -31,7 +34,8 @@ def _load(name):
 
 def test_every_recipe_is_listed():
   assert {name for name, _ in RECIPES} == {
-      f for f in os.listdir(CONFIGS) if f.endswith('.py')}
+      f for f in os.listdir(CONFIGS)
+      if f.endswith('.py') and f != '__init__.py'}
 
 
 @pytest.mark.parametrize('name, arg', RECIPES)
@@ -39,3 +43,25 @@ def test_every_recipe_is_listed():
 def test_recipe_is_valid(name, arg, devices):
   config = _load(name).get_config(arg)
   config_lib.validate(config, devices)
+
+
+# The cells of the transform x similarity matrix that make no sense, and
+# the reason each is refused with.
+REFUSED = {
+    'crops+l2': 'positions do not correspond',
+    'crops+l2_relaxed': 'positions do not correspond',
+    'crops+patch_nce': 'positions do not correspond',
+    'crop_mask+l2': 'positions do not correspond',
+    'crop_mask+l2_relaxed': 'positions do not correspond',
+    'crop_mask+patch_nce': 'positions do not correspond',
+}
+
+
+@pytest.mark.parametrize('variant', matrix.names())
+def test_every_matrix_cell_validates_or_says_why(variant):
+  config = _load('demo.py').get_config(variant)
+  if variant in REFUSED:
+    with pytest.raises(ValueError, match=REFUSED[variant]):
+      config_lib.validate(config, 1)
+  else:
+    config_lib.validate(config, 1)

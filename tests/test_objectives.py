@@ -3,6 +3,7 @@
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,64 +196,120 @@ def test_siamese_oracle_equals_mae(images, views, params):
                                 np.asarray(mae_aux['pred']))
 
 
-def _manual_siamese(inner_steps, inner_lr):
-  """Siamese loss with φ' = K SGD steps from φ, then a constant."""
+def siamese_inner(m, images, seed=0):
+  """The 'inner' collection (φ' and its optimiser state) that init makes."""
+  return jax.jit(m.init, compiler_options=FAST)(
+      {'params': jax.random.key(seed), 'mask': jax.random.key(seed + 1)},
+      images)['inner']
+
+
+@functools.cache
+def _jit_siamese(m):
+  def f(params, inner, images, masks):
+    (loss, aux), new = m.apply({'params': params, 'inner': inner}, images,
+                               masks=masks, train=True, mutable=['inner'],
+                               rngs=RNGS(jax.random.key(0)))
+    return loss, (aux, new['inner'])
+  return jax.jit(jax.value_and_grad(f, has_aux=True), compiler_options=FAST)
+
+
+def siamese_step(m, params, inner, images, masks):
+  """((loss, (aux, updated inner)), d loss / d params)."""
+  return _jit_siamese(m)(params, inner, images, masks)
+
+
+def _manual_siamese(phi_prime, stop_gradient):
+  """Siamese loss against d_φ'(z_B) for a given, constant φ'."""
 
   def loss_fn(ctx):
     (view_a, view_b), (z_a, z_b) = ctx.masks, ctx.latents
-    pixels = ctx.targets(True)
     pred_a = ctx.decode(z_a, view_a)
-    phi = sg(ctx.decoder_params())
-    inner = lambda p: objectives.masked_mse(
-        ctx.decoder_apply(p, sg(z_b), view_b), pixels, view_a.mask)
-    for _ in range(inner_steps):
-      phi = jax.tree.map(lambda p, g: p - inner_lr * g, phi,
-                         jax.grad(inner)(phi))
-    target = ctx.decoder_apply(sg(phi), z_b, view_b)
+    target = ctx.decoder_apply(phi_prime, z_b, view_b)
+    target = sg(target) if stop_gradient else target
     return objectives.masked_mse(pred_a, target, view_a.mask), {}
   return loss_fn
 
 
-def test_siamese_inner_loop(images, views, params):
-  view_a, view_b = views
-  mask_a = np.asarray(view_a.mask)
-  pixels = np_targets(images, True)
-  inner = {}
-
-  # K = 0: the target is d_φ(z_B) with the current φ.
-  loss, aux = forward(model('siamese', inner_steps=0), params, images, views)
-  inner[0] = float(aux['inner_loss'])
+def test_siamese_phi_prime_is_persistent_and_starts_as_phi(images, views,
+                                                           params):
+  m = model('siamese', inner_steps=0)
+  inner = siamese_inner(m, images)
+  assert set(inner) == {'phi_prime', 'opt_state'}
+  # Same seed, same module path: φ' starts as φ's initial value.
+  assert_trees_close(inner['phi_prime'], nn.meta.unbox(params['decoder']),
+                     rtol=0, atol=0)
+  # K = 0: φ' is left as it is and the target is d_φ'(z_B).
+  (loss, (aux, new)), _ = siamese_step(m, params, inner, images, views)
+  assert_trees_close(new['phi_prime'], inner['phi_prime'], rtol=0, atol=0)
   z_a, z_b = aux['latents']
-  pred_a = decode(params['decoder'], z_a, view_a)
-  target = decode(params['decoder'], z_b, view_b)
+  pred_a = decode(params['decoder'], z_a, views[0])
+  target = decode(inner['phi_prime'], z_b, views[1])
+  mask_a = np.asarray(views[0].mask)
   np.testing.assert_allclose(float(loss), np_masked_mse(pred_a, target, mask_a),
                              rtol=1e-4)
-  np.testing.assert_allclose(inner[0], np_masked_mse(target, pixels, mask_a),
-                             rtol=1e-4)
-  # Not the oracle: the target is the decoder's output, not the pixels.
-  oracle = np_masked_mse(pred_a, pixels, mask_a)
-  assert abs(float(loss) - oracle) > 0.05 * oracle
+  np.testing.assert_allclose(
+      float(aux['inner_loss']),
+      np_masked_mse(target, np_targets(images, True), mask_a), rtol=1e-4)
+  # Applying without the 'inner' collection is a clear error.
+  with pytest.raises(ValueError, match="'inner'"):
+    forward(m, params, images, views)
 
-  # K = 1 without unrolling: φ' is a constant of the outer step, so the
-  # decoder gets the gradient of ‖d_φ(z_A) − const‖² only, and the encoder
-  # the gradient through z_A and through the z_B input of d_φ' (not through
-  # φ''s own dependence on z_B).
-  (loss, aux), g = grads(model('siamese', inner_steps=1, inner_lr=0.1),
-                         params, images, views)
-  inner[1] = float(aux['inner_loss'])
-  (ref_loss, _), ref = grads(build(_manual_siamese(1, 0.1)),
-                             params, images, views)
+
+def test_siamese_phi_prime_tracks_the_argmin(images, views, params):
+  """Warm-started across outer steps, φ' fits what B sees ever better; one
+  inner step is one Adam step on the inner loss (z_B fixed)."""
+  lr = 1e-2
+  m = model('siamese', inner_steps=2, inner_lr=lr)
+  inner = siamese_inner(m, images)
+  losses = []
+  for _ in range(8):
+    (_, (aux, inner)), _ = siamese_step(m, params, inner, images, views)
+    losses.append(float(aux['inner_loss']))
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+  assert losses[-1] < 0.9 * losses[0], losses
+  assert int(inner['opt_state'][0].count) == 16
+
+  # One step by hand: Adam from the initial state on the inner loss.
+  m1 = model('siamese', inner_steps=1, inner_lr=lr)
+  start = siamese_inner(m1, images)
+  (_, (aux, after)), _ = siamese_step(m1, params, start, images, views)
+  z_b = aux['latents'][1]
+  pixels = jnp.asarray(np_targets(images, True), jnp.float32)
+
+  def inner_loss(phi):
+    pred = PIX_DEC.apply({'params': phi}, z_b, views[1].ids_restore, GRID)
+    return objectives.masked_mse(pred, pixels, views[0].mask)
+  grad = jax.grad(inner_loss)(start['phi_prime'])
+  # Adam's first moment after one step is (1 - b1) * g; its first update is
+  # about lr * sign(g) wherever g is not negligible.
+  adam = after['opt_state'][0]
+  assert_trees_close(adam.mu, jax.tree.map(lambda g: 0.1 * g, grad),
+                     rtol=1e-3, atol=1e-4 * leaves_max(grad))
+  big = jax.tree.map(lambda g: jnp.abs(g) > 0.1 * leaves_max(grad), grad)
+  moved = jax.tree.map(lambda a, b, g, k: jnp.where(
+      k, jnp.abs((a - b) * jnp.sign(g) + lr), 0.0),
+                       after['phi_prime'], start['phi_prime'], grad, big)
+  assert leaves_max(moved) < 1e-3 * lr
+
+
+@pytest.mark.parametrize('stop_gradient', [True, False])
+def test_siamese_stop_gradient_knob(images, views, params, stop_gradient):
+  """On: the encoder learns through view A only (d_φ'(z_B) a constant).
+  Off: also through z_B. φ never sees φ' and gets the same gradient."""
+  m = model('siamese', inner_steps=0, stop_gradient=stop_gradient)
+  inner = siamese_inner(m, images)
+  (loss, _), g = siamese_step(m, params, inner, images, views)
+  (ref_loss, _), ref = grads(
+      build(_manual_siamese(inner['phi_prime'], stop_gradient)), params,
+      images, views)
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-  assert_trees_close(g['decoder'], ref['decoder'])
-  assert_trees_close(g['encoder'], ref['encoder'])
-  assert leaves_max(g['decoder']) > 0
-
-  # More inner steps fit d_φ' better to what B sees.
-  _, aux = forward(model('siamese', inner_steps=3, inner_lr=0.1), params,
-                   images, views)
-  inner[3] = float(aux['inner_loss'])
-  assert inner[0] > inner[1] > inner[3], inner
-  assert inner[3] < 0.97 * inner[1], inner
+  assert_trees_close(g, ref)
+  other = model('siamese', inner_steps=0, stop_gradient=not stop_gradient)
+  (_, _), g_other = siamese_step(other, params, inner, images, views)
+  assert_trees_close(g['decoder'], g_other['decoder'])
+  diff = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), g['encoder'],
+                      g_other['encoder'])
+  assert leaves_max(diff) > 1e-3 * leaves_max(g['encoder'])
 
 
 # ------------------------------------------------------------------ R-MAE
@@ -443,3 +500,97 @@ def test_two_view_loss_needs_two_views(images, name):
   with pytest.raises(ValueError, match=r'masking\.complementary'):
     jax.eval_shape(lambda: m.init(
         {'params': jax.random.key(0), 'mask': jax.random.key(1)}, images))
+
+
+# ------------------------------------------- any pair of masks: A hides, B sees
+
+
+@pytest.fixture(scope='module')
+def independent_views():
+  return masking.independent(0.5)(jax.random.key(11), B, L)
+
+
+def test_hidden_and_seen_weights(views, independent_views):
+  a, b = views
+  np.testing.assert_array_equal(np.asarray(masking.hidden_and_seen(a, b)),
+                                np.asarray(a.mask))
+  a, b = independent_views
+  w = np.asarray(masking.hidden_and_seen(a, b))
+  expected = np.asarray(a.mask) * (1 - np.asarray(b.mask))
+  np.testing.assert_array_equal(w, expected)
+  # Independent masks: some patches A hides are hidden from B too.
+  assert 0 < w.sum() < np.asarray(a.mask).sum()
+
+
+def test_rmae_independent_masks_weigh_hidden_in_a_seen_by_b(
+    images, independent_views, params):
+  loss, aux = forward(model('rmae'), params, images, independent_views)
+  a, b = independent_views
+  w = np.asarray(a.mask) * (1 - np.asarray(b.mask))
+  pred_a, pred_b = aux['pred'], aux['target_pred']
+  np.testing.assert_allclose(float(aux['siamese_loss']),
+                             np_masked_mse(pred_a, pred_b, w), rtol=1e-4)
+  np.testing.assert_allclose(
+      float(aux['recon_loss']),
+      np_masked_mse(pred_b, np_targets(images, True), w), rtol=1e-4)
+  # Not plain MAE on view B over everything A hides.
+  plain = np_masked_mse(pred_b, np_targets(images, True), np.asarray(a.mask))
+  assert abs(plain - float(aux['recon_loss'])) > 1e-3 * plain
+
+
+def test_cmae_patch_positions_are_hidden_in_a_and_seen_by_b(independent_views):
+  a, b = independent_views
+  w = masking.hidden_and_seen(a, b)
+  pick = objectives.patch_positions(w, b.num_visible)
+  chosen_w = np.asarray(jnp.take_along_axis(w, pick, axis=1))
+  # Every position A hides and B sees is used, and nothing else counts.
+  np.testing.assert_array_equal(chosen_w.sum(1), np.asarray(w).sum(1))
+  seen_by_b = 1 - np.asarray(jnp.take_along_axis(b.mask, pick, axis=1))
+  assert np.all(seen_by_b[chosen_w > 0] == 1)
+
+
+def test_info_nce_weights_drop_pairs():
+  q = jax.random.normal(jax.random.key(0), (6, 8))
+  k = q + 0.1 * jax.random.normal(jax.random.key(1), (6, 8))
+  w = jnp.array([1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+  keep = np.asarray(w) > 0
+  weighted = objectives.info_nce(q, k, 0.2, w)
+  dropped = objectives.info_nce(q[keep], k[keep], 0.2)
+  np.testing.assert_allclose(float(weighted), float(dropped), rtol=1e-6)
+
+
+def test_cmae_alignment_minimum_and_shift():
+  """Identity projector, keys equal to the queries at the right positions:
+  with orthonormal queries the InfoNCE minimum is known exactly; keys
+  shifted by one position must score worse."""
+  t, n_img, n_pos = 0.2, 2, 4
+  n = n_img * n_pos
+  q = jnp.eye(16)[:n].reshape(n_img, n_pos, 16)  # orthonormal rows
+  w = jnp.ones((n_img, n_pos))
+  best = objectives.info_nce(q, q, t, w)
+  expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + n - 1))
+  np.testing.assert_allclose(float(best), expected, rtol=1e-5)
+  shifted = objectives.info_nce(q, jnp.roll(q, 1, axis=1), t, w)
+  assert float(shifted) > float(best) + 1.0
+
+  # End to end through C-MAE: decoder features = B's tokens at the positions
+  # A hides, and identity projectors. The grid pairing is what makes it
+  # reach the minimum.
+  a, b = masking.complementary(0.5)(jax.random.key(3), n_img, 16)
+  latent_b = jnp.concatenate([jnp.zeros((n_img, 1, 16)), jnp.eye(16)[
+      :n_img * b.num_visible].reshape(n_img, b.num_visible, 16)], 1)
+  grid_b = objectives.grid_tokens(latent_b, b)
+  pick = objectives.patch_positions(masking.hidden_and_seen(a, b),
+                                    b.num_visible)
+  keys = vit_gather(grid_b, pick)
+  aligned = objectives.info_nce(keys, keys, t)
+  np.testing.assert_allclose(
+      float(aligned),
+      -math.log(math.exp(1 / t) / (math.exp(1 / t) + n_img * b.num_visible
+                                   - 1)), rtol=1e-5)
+  off = objectives.info_nce(keys, vit_gather(grid_b, jnp.roll(pick, 1, 1)), t)
+  assert float(off) > float(aligned) + 1.0
+
+
+def vit_gather(x, ids):
+  return jnp.take_along_axis(x, ids[..., None], axis=1)

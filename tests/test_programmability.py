@@ -54,25 +54,27 @@ def train(model, images, params=None, steps=STEPS, lr=1e-3, seed=0):
   opt = optax.adamw(lr)
 
   def step(carry, key):
-    params, opt_state = carry
+    params, extra, opt_state = carry
     mask_key, dropout_key = jax.random.split(key)
 
     def loss_fn(params):
-      loss, _ = model.apply({'params': params}, images, train=True,
-                            rngs={'mask': mask_key, 'dropout': dropout_key})
-      return loss
+      # `extra`: state an objective keeps besides its parameters (siamese φ').
+      (loss, _), new = model.apply(
+          {'params': params, **extra}, images, train=True, mutable=list(extra),
+          rngs={'mask': mask_key, 'dropout': dropout_key})
+      return loss, new
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = opt.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
+    return (optax.apply_updates(params, updates), extra, opt_state), loss
 
   @functools.partial(jax.jit, compiler_options=FAST)
   def run(key, params):
     init_key, mask_key, train_key = jax.random.split(key, 3)
-    if params is None:
-      params = model.init({'params': init_key, 'mask': mask_key},
-                          images)['params']
-    carry = (params, opt.init(params))
+    variables = model.init({'params': init_key, 'mask': mask_key}, images)
+    params = variables['params'] if params is None else params
+    extra = {k: v for k, v in variables.items() if k != 'params'}
+    carry = (params, extra, opt.init(params))
     _, losses = jax.lax.scan(step, carry, jax.random.split(train_key, steps))
     return losses
 

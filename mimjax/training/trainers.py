@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from mimjax import checkpoint, convert, masking, mim, objectives, sharding
+from mimjax import views
 from mimjax import data as data_lib
 from mimjax import torch_io
 from mimjax.analysis import knn, visualize
@@ -33,13 +34,15 @@ def make_encoder(model_cfg, **overrides) -> Encoder:
                  **overrides)
 
 
-def make_mask_fn(name: str, ratio: float, grid) -> masking.MaskFn:
+def make_mask_fn(name: str, ratio: float, grid,
+                 num_views: int = 2) -> masking.MaskFn:
   makers = {
       'random': lambda: masking.random(ratio),
       'complementary': lambda: masking.complementary(ratio),
-      'independent': lambda: masking.independent(ratio),
+      'independent': lambda: masking.independent(ratio, num_views),
       'block': lambda: masking.block(grid, ratio),
       'grid': lambda: masking.grid_mask(grid),
+      'none': lambda: masking.none(num_views),
   }
   if name not in makers:
     raise ValueError(f'unknown pretrain.mask {name!r}; known: {sorted(makers)}')
@@ -57,8 +60,11 @@ def make_mim(config) -> mim.MIM:
                     remat=config.model.remat,
                     dtype=jnp.dtype(config.model.dtype))
   loss_fn = objectives.get(c.objective, **c.objective_kwargs.to_dict())
-  return mim.MIM(encoder, decoder, make_mask_fn(c.mask, c.mask_ratio, grid),
-                 loss_fn)
+  view_kwargs = c.view_kwargs.to_dict()
+  mask_fn = make_mask_fn(c.mask, c.mask_ratio, grid,
+                         view_kwargs.get('num_views', 2))
+  return mim.MIM(encoder, decoder, mask_fn, loss_fn,
+                 views.get(c.views, **view_kwargs))
 
 
 def stage_steps(c, num_train: int, name: str) -> tuple[int, int]:
@@ -123,9 +129,16 @@ def pretrain_recipe(config, mesh, num_train: int) -> Recipe:
       c.clip_norm, c.accumulate)
 
   def loss_fn(params, extra, batch, rng):
+    # `extra`: state a loss function keeps besides the parameters, e.g. the
+    # siamese objective's persistent φ' ('inner').
     k_mask, k_drop = jax.random.split(rng)
-    loss, aux = model.apply({'params': params}, batch['image'], train=True,
-                            rngs={'mask': k_mask, 'dropout': k_drop})
+    kwargs = dict(train=True, rngs={'mask': k_mask, 'dropout': k_drop})
+    if extra:
+      (loss, aux), extra = model.apply({'params': params, **extra},
+                                       batch['image'], mutable=list(extra),
+                                       **kwargs)
+    else:
+      loss, aux = model.apply({'params': params}, batch['image'], **kwargs)
     metrics = {k: v for k, v in aux.items()
                if isinstance(v, jax.Array) and v.ndim == 0}
     return loss, (metrics, extra)
