@@ -11,6 +11,8 @@ from mimjax.analysis import hsic_unbiased
 from mimjax.analysis import linear_cka
 from mimjax.analysis import MinibatchCKA
 from mimjax.analysis import occlusion_invariance
+from mimjax.analysis.cka import gram_matrices
+from mimjax.analysis.invariance import MinibatchInvariance
 
 
 def _rng(seed=0):
@@ -164,6 +166,28 @@ class TestUnbiasedHSIC:
     assert 0.2 < full < 0.9  # A non-trivial pair.
     assert abs(minibatch - full) < 0.03
 
+  def test_minibatch_survives_a_large_shared_mean(self):
+    # ViT image features share a large mean; float32 Grams of the raw
+    # features would lose the HSIC to cancellation. Centring each batch
+    # (which unbiased HSIC does not see) keeps it.
+    rng = _rng()
+    batches = [_correlated_pair(rng, n=32) for _ in range(4)]
+    expected = _np_minibatch_cka(*zip(*batches))
+    acc = MinibatchCKA.create()
+    for x, y in batches:
+      acc = acc.update(x + 300.0, y - 500.0)
+    np.testing.assert_allclose(acc.compute()[0, 0], expected, rtol=1e-3)
+
+  def test_update_grams_is_update(self):
+    rng = _rng()
+    x, y = _correlated_pair(rng, n=20)
+    feats_a, feats_b = [x, x**2], [y, np.tanh(y), y[:, :3]]
+    by_feats = MinibatchCKA.create(2, 3).update(feats_a, feats_b)
+    by_grams = MinibatchCKA.create(2, 3).update_grams(
+        gram_matrices(feats_a), gram_matrices(feats_b))
+    np.testing.assert_allclose(by_grams.compute(), by_feats.compute(),
+                               rtol=1e-6)
+
   def test_minibatch_heatmap(self):
     rng = _rng()
     acc = MinibatchCKA.create(3, 3)
@@ -184,8 +208,10 @@ class TestOcclusionInvariance:
     feats = [rng.normal(size=(16, 5, 8)), rng.normal(size=(16, 8))]
     out = occlusion_invariance(feats, feats)
     assert out['cka'].shape == out['cosine'].shape == (2,)
+    assert out['cosine_centred'].shape == (2,)
     np.testing.assert_allclose(out['cka'], 1.0, atol=1e-5)
     np.testing.assert_allclose(out['cosine'], 1.0, atol=1e-5)
+    np.testing.assert_allclose(out['cosine_centred'], 1.0, atol=1e-5)
 
   def test_independent_views_are_lower(self):
     rng = _rng()
@@ -194,6 +220,60 @@ class TestOcclusionInvariance:
     out = occlusion_invariance(feats_a, feats_b)
     assert np.all(out['cka'] < 0.5)
     assert np.all(np.abs(out['cosine']) < 0.3)
+
+
+  def test_centred_cosine_ignores_a_per_view_offset(self):
+    # Two views that agree up to a constant offset each: the plain cosine is
+    # dominated by the offsets, the centred one sees the agreement.
+    rng = _rng()
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    offset_a = 5.0 * rng.normal(size=8).astype(np.float32)
+    offset_b = 5.0 * rng.normal(size=8).astype(np.float32)
+    out = occlusion_invariance([x + offset_a], [x + offset_b])
+    np.testing.assert_allclose(out['cosine_centred'], 1.0, atol=1e-5)
+    assert abs(float(out['cosine'][0]) - 1.0) > 0.1
+    np.testing.assert_allclose(out['cka'], 1.0, atol=1e-5)
+    # The same streamed, given each view's mean over all the examples.
+    acc = MinibatchInvariance.create([(x + offset_a).mean(0)],
+                                     [(x + offset_b).mean(0)])
+    for rows in np.split(np.arange(64), 4):
+      acc = acc.update([x[rows] + offset_a], [x[rows] + offset_b])
+    streamed = acc.compute()
+    np.testing.assert_allclose(streamed['cosine_centred'], 1.0, atol=1e-5)
+    np.testing.assert_allclose(streamed['cosine'], out['cosine'], rtol=1e-5)
+    np.testing.assert_allclose(streamed['cka'], 1.0, atol=1e-5)
+
+  def test_independent_views_centred_cosine_is_near_zero(self):
+    rng = _rng()
+    a, b = rng.normal(size=(2, 512, 8)) + 3.0  # a shared mean
+    out = occlusion_invariance([a], [b])
+    assert float(out['cosine'][0]) > 0.7
+    assert abs(float(out['cosine_centred'][0])) < 0.1
+
+  def test_minibatch_agrees_with_full_batch(self):
+    # 4096 examples in 32 batches of 128; the features of both views share
+    # a large mean, as a ViT's do. Stated tolerance: the minibatch (unbiased
+    # HSIC) and full-batch (biased) CKA differ by < 0.03 here; the cosines
+    # are per-example means, so they agree to float precision.
+    rng = _rng(3)
+    layers_a, layers_b = [], []
+    for noise in (0.5, 2.0, 4.0):
+      x, y = _correlated_pair(rng, n=4096, p=12, q=12, noise=noise)
+      layers_a.append(x + 10.0)
+      layers_b.append(y + 10.0)
+    full = occlusion_invariance(layers_a, layers_b)
+    assert np.all(np.asarray(full['cka']) > 0.2)
+    acc = MinibatchInvariance.create([a.mean(0) for a in layers_a],
+                                     [b.mean(0) for b in layers_b])
+    update = jax.jit(MinibatchInvariance.update)
+    for rows in np.split(np.arange(4096), 32):
+      acc = update(acc, [a[rows] for a in layers_a],
+                   [b[rows] for b in layers_b])
+    streamed = acc.compute()
+    np.testing.assert_allclose(streamed['cka'], full['cka'], atol=0.03)
+    for key in ('cosine', 'cosine_centred'):
+      np.testing.assert_allclose(streamed[key], full[key], atol=1e-4)
+    assert float(acc.count) == 4096
 
 
 class TestErrors:
@@ -209,6 +289,9 @@ class TestErrors:
       hsic_unbiased(np.eye(3), np.eye(3))
     with pytest.raises(ValueError):
       MinibatchCKA.create().update(np.ones((3, 2)), np.ones((3, 2)))
+    with pytest.raises(ValueError):
+      MinibatchInvariance.create([np.zeros(2)], [np.zeros(2)]).update(
+          [np.ones((3, 2))], [np.ones((3, 2))])
 
   def test_bad_shapes(self):
     with pytest.raises(ValueError):

@@ -3,17 +3,31 @@
 For each encoder (a checkpoint, or 'random' for a random initialisation) and
 the first `analyze.examples` images of the eval split:
 
-- occlusion invariance per block: linear CKA and mean cosine between the
-  image features of two complementary masked views (each sees what the other
-  hides; ratio `analyze.mask_ratio`). Higher means more occlusion-invariant.
+- occlusion invariance per block: linear CKA, mean cosine and mean centred
+  cosine (each view's features less that view's mean over the images) between
+  the image features of two complementary masked views (each sees what the
+  other hides; ratio `analyze.mask_ratio`). Higher means more
+  occlusion-invariant. The plain cosine is ~0.93 for any encoder; the centred
+  one is the one that separates them.
 - CKA between every two encoders, block by block, on the whole images.
 
 An image feature is the mean of a block's patch tokens (the cls token is
 left out: MAE never trains it for a task).
+
+Up to one eval batch of images (`analyze.examples <= eval_batch_size`), CKA is
+the full-batch linear CKA. Beyond that it is the minibatch estimator with
+unbiased HSIC (Nguyen et al. 2021), summed batch by batch: the eval stream is
+read twice (once for each view's mean feature, which the centred cosine needs,
+once for everything else), each batch goes through every encoder, and no
+n x n matrix or all-images feature array is held. That estimator needs more
+than 3 images per batch: a last batch with fewer is left out (and
+analysis.json says so).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -65,20 +79,24 @@ def encoder_params(config, encoder, path: str, grid):
   return trainers.merge_encoder(jax.eval_shape(init), pretrained, grid, path)
 
 
-def layer_features(config, encoder, params, mesh,
-                   rules) -> dict[str, np.ndarray]:
-  """Per-block image features (depth, n, D) of the whole images and of two
-  complementary masked views, over the first analyze.examples images."""
+VIEWS = ('view_a', 'view_b')
+LINEAR, MINIBATCH = 'linear', 'minibatch_unbiased'
+MIN_HSIC_BATCH = 4  # unbiased HSIC needs n > 3
+
+
+def _views_fn(config, encoder):
+  """A jitted (params, images, first_row, whole) -> {'whole' (if whole),
+  'view_a', 'view_b'}: per-block image features (depth, B, D), float32."""
   c = config.analyze
   num_patches = (config.data.image_size // config.model.patch_size)**2
   key = jax.random.key(c.seed)
 
   def image_features(params, x, ids_keep=None):
     layers = encoder.apply({'params': params}, x, ids_keep)['layers']
-    return layers[:, :, 1:].mean(axis=2)  # (depth, B, D)
+    return layers[:, :, 1:].mean(axis=2, dtype=jnp.float32)  # (depth, B, D)
 
-  @jax.jit
-  def views(params, x, first_row):
+  @functools.partial(jax.jit, static_argnames='whole')
+  def views(params, x, first_row, whole=True):
     # Each image's mask depends on its row in the eval stream only, not on
     # the batch size or the device count.
     rows = first_row + jnp.arange(x.shape[0])
@@ -86,28 +104,139 @@ def layer_features(config, encoder, params, mesh,
         jax.random.fold_in(key, r), (num_patches,)))(rows)
     view_a = masking.from_noise(noise, c.mask_ratio)
     view_b = masking.complement(view_a)
-    return (image_features(params, x),
-            image_features(params, x, view_a.ids_keep),
-            image_features(params, x, view_b.ids_keep))
+    out = {'view_a': image_features(params, x, view_a.ids_keep),
+           'view_b': image_features(params, x, view_b.ids_keep)}
+    if whole:
+      out['whole'] = image_features(params, x)
+    return out
 
-  names = ('whole', 'view_a', 'view_b')
-  parts = {n: [] for n in names}
-  seen = 0
+  return views
+
+
+def _batches(config, views, params: list, mesh, whole: bool = True):
+  """Reads the eval stream once, up to analyze.examples valid images; yields
+  per batch, for each of `params`, {'whole' (if whole), 'view_a', 'view_b'}:
+  numpy (depth, b, D) of the batch's valid (used) rows."""
+  limit, seen = config.analyze.examples, 0
+  for i, batch in enumerate(data_lib.eval_batches(config.data,
+                                                  config.eval_batch_size)):
+    g = sharding.global_batch({'image': batch['image'],
+                               'valid': batch['valid']}, mesh)
+    valid = np.asarray(multihost_utils.process_allgather(g['valid'],
+                                                         tiled=True))
+    take = min(int(valid.sum()), limit - seen)
+    if take > 0:
+      out = []
+      for p in params:
+        feats = multihost_utils.process_allgather(
+            views(p, g['image'], i * config.eval_batch_size, whole=whole),
+            tiled=True)
+        out.append({k: np.asarray(v)[:, valid][:, :take]
+                    for k, v in feats.items()})
+      seen += take
+      yield out
+    if seen >= limit:
+      break
+
+
+def layer_features(config, encoder, params, mesh,
+                   rules) -> dict[str, np.ndarray]:
+  """Per-block image features (depth, n, D) of the whole images and of two
+  complementary masked views, over the first analyze.examples images."""
+  views = _views_fn(config, encoder)
   with sharding.active(mesh, rules):
-    for i, batch in enumerate(data_lib.eval_batches(config.data,
-                                                    config.eval_batch_size)):
-      g = sharding.global_batch({'image': batch['image'],
-                                 'valid': batch['valid']}, mesh)
-      out = views(params, g['image'], i * config.eval_batch_size)
-      out, valid = multihost_utils.process_allgather(
-          (out, g['valid']), tiled=True)
-      for name, feats in zip(names, out):
-        parts[name].append(np.asarray(feats)[:, np.asarray(valid)])
-      seen += int(np.sum(valid))
-      if seen >= c.examples:
-        break
-  return {n: np.concatenate(p, axis=1)[:, :c.examples]
-          for n, p in parts.items()}
+    parts = [b[0] for b in _batches(config, views, [params], mesh)]
+  return {k: np.concatenate([p[k] for p in parts], axis=1)
+          for k in ('whole',) + VIEWS}
+
+
+@dataclasses.dataclass
+class Stats:
+  """What the analyses measured, before it is written out."""
+  estimator: str  # LINEAR or MINIBATCH
+  batch_size: int  # images per CKA batch (LINEAR: all of them)
+  examples: int  # images used
+  dropped: int  # images left out (a last batch of <= 3 for MINIBATCH)
+  invariance: dict[str, dict[str, np.ndarray]]  # name -> per-block values
+  cka: dict[tuple[str, str], np.ndarray]  # (a, b) -> (depth_a, depth_b)
+
+
+def full_batch_stats(config, views, params: dict, mesh) -> Stats:
+  """All images at once (at most one eval batch of them): linear CKA."""
+  names = list(params)
+  parts = {n: [] for n in names}
+  for batch in _batches(config, views, list(params.values()), mesh):
+    for n, feats in zip(names, batch):
+      parts[n].append(feats)
+  if not parts[names[0]]:
+    raise ValueError('analyze: the eval split has no images')
+  feats = {n: {k: np.concatenate([p[k] for p in ps], axis=1)
+               for k in ('whole',) + VIEWS} for n, ps in parts.items()}
+  inv = {n: jax.device_get(invariance.occlusion_invariance(
+      list(f['view_a']), list(f['view_b']))) for n, f in feats.items()}
+  pairs = {(a, b): np.asarray(cka.cka_matrix(list(feats[a]['whole']),
+                                             list(feats[b]['whole'])))
+           for a, b in itertools.combinations(names, 2)}
+  examples = feats[names[0]]['whole'].shape[1]
+  return Stats(LINEAR, examples, examples, 0, inv, pairs)
+
+
+_invariance_update = jax.jit(invariance.MinibatchInvariance.update)
+_cka_update = jax.jit(cka.MinibatchCKA.update_grams)
+_grams = jax.jit(cka.gram_matrices)
+
+
+def minibatch_stats(config, views, params: dict, mesh) -> Stats:
+  """Batch by batch, every encoder on each batch: minibatch CKA with
+  unbiased HSIC. Two reads of the eval stream: the views' means, then the
+  rest. A batch of <= 3 images (only ever the last) is left out of both."""
+  if config.eval_batch_size < MIN_HSIC_BATCH:
+    raise ValueError('analyze: the minibatch CKA estimator (analyze.examples '
+                     f'{config.analyze.examples} > eval_batch_size '
+                     f'{config.eval_batch_size}) needs eval_batch_size >= '
+                     f'{MIN_HSIC_BATCH}')
+  names, plist = list(params), list(params.values())
+  rows = lambda batch: batch[0]['view_a'].shape[1]
+  # Pass 1: each view's mean feature per block, over the images used.
+  sums = {n: [0.0, 0.0] for n in names}
+  used = dropped = 0
+  for batch in _batches(config, views, plist, mesh, whole=False):
+    if rows(batch) < MIN_HSIC_BATCH:
+      dropped += rows(batch)
+      continue
+    used += rows(batch)
+    for n, feats in zip(names, batch):
+      for j, view in enumerate(VIEWS):
+        sums[n][j] = sums[n][j] + feats[view].sum(axis=1, dtype=np.float64)
+  if not used:
+    raise ValueError('analyze: no eval batch has more than 3 images, which '
+                     'the minibatch CKA estimator needs')
+  # Pass 2: invariance and cross-encoder CKA, batch by batch.
+  inv = {n: invariance.MinibatchInvariance.create(list(s[0] / used),
+                                                  list(s[1] / used))
+         for n, s in sums.items()}
+  depth = len(sums[names[0]][0])
+  pairs = {pair: cka.MinibatchCKA.create(depth, depth)
+           for pair in itertools.combinations(names, 2)}
+  seen = 0
+  for batch in _batches(config, views, plist, mesh, whole=True):
+    if rows(batch) < MIN_HSIC_BATCH:
+      continue
+    seen += rows(batch)
+    grams = {}
+    for n, feats in zip(names, batch):
+      inv[n] = _invariance_update(inv[n], list(feats['view_a']),
+                                  list(feats['view_b']))
+      grams[n] = _grams(list(feats['whole']))
+    for (a, b), acc in pairs.items():
+      pairs[(a, b)] = _cka_update(acc, grams[a], grams[b])
+  if seen != used:
+    raise RuntimeError(f'analyze: the eval stream gave {used} images, then '
+                       f'{seen}')
+  return Stats(MINIBATCH, config.eval_batch_size, used, dropped,
+               {n: jax.device_get(acc.compute()) for n, acc in inv.items()},
+               {pair: np.asarray(acc.compute())
+                for pair, acc in pairs.items()})
 
 
 def run(config, workdir: str, encoders: dict[str, str]) -> list[dict]:
@@ -115,36 +244,62 @@ def run(config, workdir: str, encoders: dict[str, str]) -> list[dict]:
   mesh, rules = trainers.setup(config)
   encoder = trainers.make_encoder(config.model)
   grid = (config.data.image_size // config.model.patch_size,) * 2
-  feats, results = {}, {}
+  loaded = {}  # path -> params: the same checkpoint (or 'random') once
+  for path in encoders.values():
+    if path not in loaded:
+      loaded[path] = encoder_params(config, encoder, path, grid)
+  params = {name: loaded[path] for name, path in encoders.items()}
+  views = _views_fn(config, encoder)
+  minibatch = config.analyze.examples > config.eval_batch_size
+  with sharding.active(mesh, rules):
+    stats = (minibatch_stats if minibatch else full_batch_stats)(
+        config, views, params, mesh)
+  results = {}
   for name, path in encoders.items():
-    params = encoder_params(config, encoder, path, grid)
-    feats[name] = layer_features(config, encoder, params, mesh, rules)
-    inv = invariance.occlusion_invariance(list(feats[name]['view_a']),
-                                          list(feats[name]['view_b']))
-    results[name] = {'path': path,
-                     'invariance_cka': np.asarray(inv['cka']).tolist(),
-                     'invariance_cosine': np.asarray(inv['cosine']).tolist()}
-    logging.info('analyze: %s occlusion invariance (CKA) per block %s', name,
-                 np.round(results[name]['invariance_cka'], 3).tolist())
-  pairs = {f'{a} vs {b}': np.asarray(cka.cka_matrix(
-      list(feats[a]['whole']), list(feats[b]['whole']))).tolist()
-           for a, b in itertools.combinations(encoders, 2)}
-  examples = next(iter(feats.values()))['whole'].shape[1]
+    inv = stats.invariance[name]
+    results[name] = {
+        'path': path,
+        'invariance_cka': np.asarray(inv['cka']).tolist(),
+        'invariance_cosine': np.asarray(inv['cosine']).tolist(),
+        'invariance_cosine_centred': np.asarray(
+            inv['cosine_centred']).tolist()}
+    logging.info('analyze: %s occlusion invariance per block: CKA %s, '
+                 'centred cosine %s', name,
+                 np.round(results[name]['invariance_cka'], 3).tolist(),
+                 np.round(results[name]['invariance_cosine_centred'],
+                          3).tolist())
+  pairs = {f'{a} vs {b}': m.tolist() for (a, b), m in stats.cka.items()}
+  analysis = {'examples': stats.examples,
+              'mask_ratio': config.analyze.mask_ratio,
+              'cka_estimator': stats.estimator,
+              'cka_batch_size': stats.batch_size,
+              'dropped_examples': stats.dropped}
+  if stats.dropped:
+    analysis['note'] = (
+        f'the last eval batch had {stats.dropped} image(s); the minibatch '
+        'estimator (unbiased HSIC) needs more than 3, so they were left out')
+    logging.warning('analyze: %s', analysis['note'])
+  logging.info('analyze: %d images, CKA estimator %s (batch %d)',
+               stats.examples, stats.estimator, stats.batch_size)
+  analysis.update(encoders=results, cka=pairs)
   if jax.process_index() == 0:
     out = checkpoint.resolve(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'analysis.json').write_text(json.dumps(
-        {'examples': examples, 'mask_ratio': config.analyze.mask_ratio,
-         'encoders': results, 'cka': pairs}, indent=1))
+    (out / 'analysis.json').write_text(json.dumps(analysis, indent=1))
     plot_invariance(str(out / 'occlusion_invariance.png'), results,
-                    config.analyze.mask_ratio, examples)
+                    config.analyze.mask_ratio, stats.examples)
     for pair, matrix in pairs.items():
       a, b = pair.split(' vs ')
       plot_cka(str(out / f'cka_{_slug(a)}_vs_{_slug(b)}.png'),
                np.asarray(matrix), a, b)
+    if pairs:
+      plot_cka_overview(str(out / 'cka_overview.png'), list(encoders),
+                        stats.cka)
     logging.info('analyze: wrote %s', out)
   return [{'stage': 'analyze', 'init': name,
-           'invariance': r['invariance_cka'][-1]} for name, r in results.items()]
+           'invariance': r['invariance_cka'][-1],
+           'invariance_cosine_centred': r['invariance_cosine_centred'][-1]}
+          for name, r in results.items()]
 
 
 def _slug(name: str) -> str:
@@ -153,19 +308,25 @@ def _slug(name: str) -> str:
 
 def plot_invariance(path: str, results: dict, mask_ratio: float,
                     examples: int):
-  """Occlusion invariance (CKA between complementary views) per block."""
+  """Occlusion invariance per block: CKA and centred cosine between
+  complementary views, one panel each."""
   plt = visualize.pyplot()
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  for name, r in results.items():
-    values = r['invariance_cka']
-    ax.plot(range(1, len(values) + 1), values, marker='o', label=name)
-  ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-  ax.set_xlabel('block')
-  ax.set_ylabel('CKA between complementary views')
-  ax.set_ylim(0, 1.02)
-  ax.set_title(f'Occlusion invariance ({examples} images, mask ratio '
-               f'{mask_ratio})', fontsize=9)
-  ax.legend(fontsize=8)
+  fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
+  panels = (('invariance_cka', 'CKA between complementary views'),
+            ('invariance_cosine_centred', 'mean centred cosine'))
+  for ax, (key, label) in zip(axes, panels):
+    low = 0.0
+    for name, r in results.items():
+      values = r[key]
+      low = min(low, min(values))
+      ax.plot(range(1, len(values) + 1), values, marker='o', label=name)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel('block')
+    ax.set_ylabel(label)
+    ax.set_ylim(low - 0.02 if low < 0 else 0, 1.02)
+  axes[1].legend(fontsize=8, loc='center left', bbox_to_anchor=(1.02, 0.5))
+  fig.suptitle(f'Occlusion invariance ({examples} images, mask ratio '
+               f'{mask_ratio})', fontsize=10)
   fig.tight_layout()
   visualize.write_figure(fig, path, dpi=120)
 
@@ -184,4 +345,64 @@ def plot_cka(path: str, matrix: np.ndarray, name_a: str, name_b: str):
   ax.set_title(f'CKA, {name_a} vs {name_b}', fontsize=9)
   fig.colorbar(image, ax=ax)
   fig.tight_layout()
+  visualize.write_figure(fig, path, dpi=120)
+
+
+def plot_cka_overview(path: str, names: list[str],
+                      pairs: dict[tuple[str, str], np.ndarray]):
+  """All pairs on one page: left, a lower-triangular grid of small
+  block-by-block CKA heatmaps (row: an encoder's blocks on y, column: the
+  other's on x); right, the encoder x encoder matrix of last-block CKA."""
+  plt = visualize.pyplot()
+  n = len(names)
+  side = max(2.6, (1.25 if n <= 4 else 1.05) * (n - 1))  # the grid, inches
+  mat = max(2.6, 0.62 * n)  # the last-block matrix
+  gap = 0.5 + 0.075 * max(len(name) for name in names)  # its names
+  widths = (side, gap, mat, 0.35, 0.15)  # ..., space, colorbar
+  fig = plt.figure(figsize=(sum(widths) + 0.9, side + 1.3))
+  outer = fig.add_gridspec(1, 5, width_ratios=widths, wspace=0.0,
+                           left=0.6 / (sum(widths) + 0.9), right=0.93,
+                           bottom=0.8 / (side + 1.3), top=0.88)
+  grid = outer[0].subgridspec(n - 1, n - 1, wspace=0.12, hspace=0.12)
+  image = None
+  for i in range(1, n):
+    for j in range(n - 1):
+      if j >= i:
+        continue
+      ax = fig.add_subplot(grid[i - 1, j])
+      matrix = np.asarray(pairs[(names[j], names[i])]).T  # y: i, x: j
+      rows, cols = matrix.shape
+      image = ax.imshow(matrix, origin='lower', vmin=0, vmax=1, cmap='magma',
+                        extent=(0.5, cols + 0.5, 0.5, rows + 0.5),
+                        aspect='auto')
+      ax.set_xticks([1, cols])
+      ax.set_yticks([1, rows])
+      ax.tick_params(labelsize=6, length=2, pad=1)
+      if i < n - 1:
+        ax.set_xticklabels([])
+      else:
+        ax.set_xlabel(names[j], fontsize=8)
+      if j > 0:
+        ax.set_yticklabels([])
+      else:
+        ax.set_ylabel(names[i], fontsize=8)
+  fig.suptitle('Left: CKA block by block (up: the row encoder\'s blocks, '
+               'across: the column encoder\'s).\nRight: CKA of the last '
+               'blocks.', fontsize=9)
+  fig.colorbar(image, cax=fig.add_subplot(outer[4]))
+  last = np.eye(n)
+  for (a, b), matrix in pairs.items():
+    i, j = names.index(a), names.index(b)
+    last[i, j] = last[j, i] = np.asarray(matrix)[-1, -1]
+  ax = fig.add_subplot(outer[2])
+  ax.imshow(last, aspect='equal', vmin=0, vmax=1, cmap='magma')
+  for i in range(n):
+    for j in range(n):
+      ax.text(j, i, f'{last[i, j]:.2f}', ha='center', va='center',
+              fontsize=7 if n > 5 else 8,
+              color='black' if last[i, j] > 0.6 else 'white')
+  ax.set_xticks(range(n))
+  ax.set_yticks(range(n))
+  ax.set_xticklabels(names, rotation=45, ha='right', fontsize=8)
+  ax.set_yticklabels(names, fontsize=8)
   visualize.write_figure(fig, path, dpi=120)
