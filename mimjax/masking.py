@@ -103,50 +103,101 @@ def _check_grid(grid, num_patches):
     raise ValueError(f'mask grid {grid} does not have {num_patches} patches')
 
 
-def block(grid: tuple[int, int], ratio: float = 0.4, min_block: int = 16,
-          max_aspect: float = 3.0, num_blocks: int = 32) -> MaskFn:
-  """BEiT-style block-wise masking with an exact hidden count per sample.
+def _beit_blocks(rng, grid, num_hidden, min_block, max_block, log_aspect,
+                 attempts):
+  """BEiT's MaskingGenerator on one (gh, gw) grid: (hidden (gh, gw) bool,
+  number hidden).
 
-  Rectangles of random area (>= `min_block` patches) and aspect ratio are
-  drawn on the grid; hidden patches are taken from the union of rectangles,
-  the earliest-drawn first, and topped up at random if they do not cover
-  L * ratio patches.
+  Blocks are drawn one after another until `num_hidden` patches are hidden or
+  a block fails. A block gets `attempts` tries: target area ~ U(min_block,
+  budget) where budget = min(patches still to hide, max_block), aspect ratio
+  h / w log-uniform in exp(log_aspect), h = round(sqrt(area * aspect)), w =
+  round(sqrt(area / aspect)), both strictly smaller than the grid, at a
+  uniform position. The first try that would hide between 1 and `budget` new
+  patches is taken. So blocks never hide more than `num_hidden` patches, and
+  may hide fewer (BEiT's mask then falls short).
+  """
+  gh, gw = grid
+  rows = jnp.arange(gh)[None, :, None]
+  cols = jnp.arange(gw)[None, None, :]
+
+  def more(state):
+    _, count, stuck, _ = state
+    return (count < num_hidden) & ~stuck
+
+  def add_block(state):
+    hidden, count, _, key = state
+    key, k_area, k_aspect, k_top, k_left = jax.random.split(key, 5)
+    budget = jnp.minimum(num_hidden - count, max_block)
+    # Python's random.uniform(a, b) = a + (b - a) u, also when b < a.
+    area = min_block + (budget - min_block) * jax.random.uniform(
+        k_area, (attempts,))
+    aspect = jnp.exp(jax.random.uniform(k_aspect, (attempts,),
+                                        minval=log_aspect[0],
+                                        maxval=log_aspect[1]))
+    h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+    w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+    fits = (h < gh) & (w < gw)
+    top = jax.random.randint(k_top, (attempts,), 0,
+                             jnp.maximum(gh - h + 1, 1))[:, None, None]
+    left = jax.random.randint(k_left, (attempts,), 0,
+                              jnp.maximum(gw - w + 1, 1))[:, None, None]
+    inside = ((rows >= top) & (rows < top + h[:, None, None]) &
+              (cols >= left) & (cols < left + w[:, None, None]))
+    new = jnp.sum(inside & ~hidden, axis=(1, 2))
+    ok = fits & (new > 0) & (new <= budget)
+    first = jnp.argmax(ok)
+    found = ok[first]
+    hidden = hidden | (inside[first] & found)
+    return hidden, count + jnp.where(found, new[first], 0), ~found, key
+
+  hidden, count, _, _ = jax.lax.while_loop(
+      more, add_block,
+      (jnp.zeros((gh, gw), bool), jnp.int32(0), jnp.bool_(False), rng))
+  return hidden, count
+
+
+def block(grid: tuple[int, int], ratio: float = 0.4, min_block: int = 16,
+          max_block: int | None = None, min_aspect: float = 0.3,
+          max_aspect: float | None = None, attempts: int = 10) -> MaskFn:
+  """BEiT block-wise masking (its MaskingGenerator), with an exact count.
+
+  Blocks are drawn as BEiT draws them (see `_beit_blocks`): `min_block` is
+  BEiT's min_num_patches (16 in its pre-training), `max_block` its
+  max_num_patches (None: no bound but the remaining budget), aspect ratios are
+  log-uniform in [min_aspect, max_aspect] (None: 1 / min_aspect, BEiT's
+  default [0.3, 1 / 0.3]), `attempts` tries per block (BEiT: 10).
+
+  Deviations, forced by static shapes (every row hides the same number):
+    * the count is L - int(L * (1 - ratio)), from `ratio` like the other
+      masks (BEiT's 75 of 196 patches is ratio=0.38);
+    * when BEiT's blocks stop short of that count (a block finds no place in
+      `attempts` tries), the rest is hidden uniformly at random among the
+      patches no block covers; BEiT's mask would hide fewer. Blocks never
+      overshoot the count, so nothing is ever trimmed.
   """
   check_ratio(ratio)
-  gh, gw = grid
-  log_aspect = math.log(max_aspect)
+  max_aspect = 1 / min_aspect if max_aspect is None else max_aspect
+  log_aspect = (math.log(min_aspect), math.log(max_aspect))
 
   def one_sample(rng, num_hidden):
-    rows = jnp.arange(gh)[:, None]
-    cols = jnp.arange(gw)[None, :]
-    keys = jax.random.split(rng, num_blocks + 1)
+    k_blocks, k_fill = jax.random.split(rng)
+    hidden, _ = _beit_blocks(k_blocks, grid, num_hidden, min_block,
+                             num_hidden if max_block is None else max_block,
+                             log_aspect, attempts)
+    # The lowest scores stay visible: block patches score above all others,
+    # and the top-up takes the highest-noise patches of the rest.
+    noise = jax.random.uniform(k_fill, (grid[0] * grid[1],))
+    return hidden.reshape(-1).astype(jnp.float32) + 0.5 * noise
 
-    def draw(i, first_hit):
-      k_area, k_aspect, k_top, k_left = jax.random.split(keys[i], 4)
-      area = jax.random.uniform(k_area, minval=min_block,
-                                maxval=max(min_block, num_hidden))
-      aspect = jnp.exp(jax.random.uniform(k_aspect, minval=-log_aspect,
-                                          maxval=log_aspect))
-      h = jnp.clip(jnp.round(jnp.sqrt(area * aspect)), 1, gh).astype(jnp.int32)
-      w = jnp.clip(jnp.round(jnp.sqrt(area / aspect)), 1, gw).astype(jnp.int32)
-      top = jax.random.randint(k_top, (), 0, gh - h + 1)
-      left = jax.random.randint(k_left, (), 0, gw - w + 1)
-      inside = ((rows >= top) & (rows < top + h) &
-                (cols >= left) & (cols < left + w))
-      return jnp.where(inside, jnp.minimum(first_hit, i), first_hit)
-
-    first_hit = jax.lax.fori_loop(
-        0, num_blocks, draw, jnp.full((gh, gw), num_blocks, jnp.int32))
-    noise = jax.random.uniform(keys[-1], (gh * gw,))
-    # Lower = hidden earlier; patches outside every block come last.
-    return first_hit.reshape(-1) + noise
+  # One compiled sampler per block(...) and count, also when called eagerly.
+  sample = jax.jit(jax.vmap(one_sample, (0, None)), static_argnums=1)
 
   def mask_fn(rng, batch_size, num_patches):
     _check_grid(grid, num_patches)
     num_hidden = num_patches - num_kept(num_patches, ratio)
-    hide_order = jax.vmap(one_sample, (0, None))(
-        jax.random.split(rng, batch_size), num_hidden)
-    return (from_scores(-hide_order, num_kept(num_patches, ratio)),)
+    scores = sample(jax.random.split(rng, batch_size), num_hidden)
+    return (from_scores(scores, num_kept(num_patches, ratio)),)
   return mask_fn
 
 

@@ -274,3 +274,109 @@ def test_greyscale_and_geometry():
   assert centre.shape == (32, 32, 3)
   flipped = augment.flip(tf.reshape(tf.range(6.0), [1, 6, 1]), seed)
   assert sorted(flipped.numpy().ravel().tolist()) == list(range(6))
+
+
+# RandAugment against the reference: timm 'rand-m9-mstd0.5-inc1' with MAE's
+# hparams (bicubic, img_mean fill), whose ops are PIL's.
+
+TIMM_INCREASING_OPS = [
+    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
+    'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing',
+    'ContrastIncreasing', 'BrightnessIncreasing', 'SharpnessIncreasing',
+    'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel']
+
+
+def _test_images():
+  rng = np.random.default_rng(0)
+  noise = rng.integers(0, 256, (21, 26, 3)).astype(np.uint8)
+  rows, cols = np.mgrid[0:21, 0:26]
+  ramp = np.stack([cols * 9, rows * 11, (rows + cols) * 5], -1)
+  return [noise, np.clip(ramp, 0, 255).astype(np.uint8)]
+
+
+def test_rand_augment_op_set_and_levels_are_timms():
+  assert [name for name, *_ in augment.RAND_AUGMENT_OPS] == TIMM_INCREASING_OPS
+  assert augment.FILL_RGB == (124, 116, 104)  # round(255 * ImageNet mean)
+  levels = {name: fn for name, _, fn in augment.RAND_AUGMENT_OPS}
+  m = tf.constant(9.0)
+  plus, minus = tf.constant(False), tf.constant(True)
+  # timm's 'increasing' level functions at magnitude 9 (of 10).
+  want = {'Rotate': 27.0, 'PosterizeIncreasing': 4 - 3,
+          'SolarizeIncreasing': 256 - 230, 'SolarizeAdd': 99,
+          'ColorIncreasing': 1.81, 'SharpnessIncreasing': 1.81,
+          'ShearX': 0.27, 'TranslateYRel': 0.405}
+  for name, value in want.items():
+    np.testing.assert_allclose(float(levels[name](m, plus)), value, rtol=1e-6,
+                               err_msg=name)
+  np.testing.assert_allclose(float(levels['Rotate'](m, minus)), -27.0)
+  np.testing.assert_allclose(float(levels['ContrastIncreasing'](m, minus)),
+                             0.19, rtol=1e-6)
+  assert int(levels['SolarizeAdd'](tf.constant(10.0), plus)) == 110
+
+
+def test_invert_and_solarize_add():
+  x = tf.constant([[[0, 1, 99], [127, 128, 255]]], tf.uint8)
+  np.testing.assert_array_equal(augment.invert(x), 255 - x.numpy())
+  # Values below 128 get + add, capped at 255; the others are kept.
+  np.testing.assert_array_equal(augment.solarize_add(x, 110),
+                                [[[110, 111, 209], [237, 128, 255]]])
+  np.testing.assert_array_equal(augment.solarize_add(x, 0), x)
+
+
+def test_rotate_fills_with_the_imagenet_mean():
+  white = tf.fill([32, 32, 3], tf.constant(255, tf.uint8))
+  out = augment.rotate(white, tf.constant(30.0)).numpy()
+  for corner in (out[0, 0], out[0, -1], out[-1, 0], out[-1, -1]):
+    np.testing.assert_array_equal(corner, [124, 116, 104])
+  np.testing.assert_array_equal(out[12:20, 12:20], 255)
+
+
+@pytest.mark.parametrize('name,level', [
+    ('rotate', 27.3), ('rotate', -13.0), ('shear_x', 0.27), ('shear_y', -0.11),
+    ('translate_x', 0.41), ('translate_y', -0.2)])
+def test_geometric_ops_are_pil_bicubic(name, level):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  level = float(np.float32(level))  # The op sees a float32 level.
+  op = getattr(augment, name)
+  for image in _test_images():
+    pil = Image.fromarray(image)
+    w, h = pil.size
+    coeffs = {'shear_x': (1, level, 0, 0, 1, 0),
+              'shear_y': (1, 0, 0, level, 1, 0),
+              'translate_x': (1, 0, level * w, 0, 1, 0),
+              'translate_y': (1, 0, 0, 0, 1, level * h)}.get(name)
+
+    def ref(resample, pil=pil, coeffs=coeffs):
+      kwargs = {'resample': resample, 'fillcolor': augment.FILL_RGB}
+      if coeffs is None:
+        return np.asarray(pil.rotate(level, **kwargs))
+      return np.asarray(pil.transform(pil.size, Image.Transform.AFFINE,
+                                      coeffs, **kwargs))
+
+    ours = op(tf.constant(image), tf.constant(level, tf.float32)).numpy()
+    bicubic = ref(Image.Resampling.BICUBIC)
+    np.testing.assert_array_equal(ours, bicubic, err_msg=name)
+    assert not np.array_equal(ours, ref(Image.Resampling.BILINEAR))
+
+
+def test_pixel_ops_match_pil():
+  # pylint: disable-next=g-import-not-at-top
+  from PIL import Image, ImageEnhance, ImageOps
+  for image in _test_images():
+    pil = Image.fromarray(image)
+    x = tf.constant(image)
+    pairs = [(augment.autocontrast(x), ImageOps.autocontrast(pil)),
+             (augment.equalize(x), ImageOps.equalize(pil)),
+             (augment.invert(x), ImageOps.invert(pil)),
+             (augment.solarize(x, 100.0), ImageOps.solarize(pil, 100)),
+             (augment.posterize(x, 2), ImageOps.posterize(pil, 2))]
+    for factor in (0.19, 0.6, 1.81):
+      for ours, enhance in [(augment.color, ImageEnhance.Color),
+                            (augment.contrast, ImageEnhance.Contrast),
+                            (augment.brightness, ImageEnhance.Brightness),
+                            (augment.sharpness, ImageEnhance.Sharpness)]:
+        pairs.append((ours(x, tf.constant(factor)),
+                      enhance(pil).enhance(float(np.float32(factor)))))
+    for i, (ours, ref) in enumerate(pairs):
+      np.testing.assert_array_equal(ours.numpy(), np.asarray(ref),
+                                    err_msg=str(i))

@@ -15,6 +15,8 @@ import tensorflow as tf
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STD_RGB = (0.229, 0.224, 0.225)
+# timm's `img_mean` hparam (create_transform): RandAugment's geometric fill.
+FILL_RGB = tuple(min(255, round(255 * m)) for m in MEAN_RGB)  # (124, 116, 104)
 
 
 def split_seed(seed, num: int):
@@ -105,21 +107,27 @@ def normalize(image):
   return (image - tf.constant(MEAN_RGB)) / tf.constant(STD_RGB)
 
 
-# RandAugment, after timm's `rand-m9-mstd0.5-inc1`: every op works on uint8
-# (H, W, 3) and takes an already-scaled argument.
+# RandAugment, after timm's `rand-m9-mstd0.5-inc1` with the hparams of MAE's
+# fine-tuning (create_transform): every op is the PIL op timm calls, on uint8
+# (H, W, 3), and takes an already-scaled argument. Geometric ops are bicubic
+# and fill with FILL_RGB.
 
 
 def _blend(degenerate, image, factor):
-  """PIL ImageEnhance: degenerate + factor * (image - degenerate), clipped."""
+  """PIL Image.blend, as ImageEnhance uses it: degenerate + factor * (image -
+  degenerate), clipped to [0, 255] and truncated."""
   degenerate = tf.cast(degenerate, tf.float32)
   out = degenerate + factor * (tf.cast(image, tf.float32) - degenerate)
-  return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+  return tf.cast(tf.floor(tf.clip_by_value(out, 0, 255)), tf.uint8)
 
 
 def _grey(image):
-  """PIL's 'L' conversion, kept as 3 equal channels (float32)."""
-  grey = tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))
-  return tf.tile(tf.round(grey), [1, 1, 3])
+  """PIL's 'L' conversion (its fixed-point ITU-R 601-2 weights), kept as 3
+  equal channels (float32)."""
+  x = tf.cast(image, tf.int32)
+  grey = (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471
+          + 0x8000) // 65536
+  return tf.tile(tf.cast(grey, tf.float32)[..., None], [1, 1, 3])
 
 
 def autocontrast(image, _=None):
@@ -149,6 +157,19 @@ def equalize(image, _=None):
   return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], -1)
 
 
+def invert(image, _=None):
+  """PIL ImageOps.invert: 255 - x."""
+  return 255 - tf.cast(image, tf.uint8)
+
+
+def solarize_add(image, addition, threshold=128):
+  """timm solarize_add: adds `addition` to values below `threshold`, capped
+  at 255; the others are kept."""
+  x = tf.cast(image, tf.int32)
+  added = tf.minimum(x + tf.cast(addition, tf.int32), 255)
+  return tf.cast(tf.where(x < threshold, added, x), tf.uint8)
+
+
 def solarize(image, threshold):
   """Inverts pixels at or above `threshold`."""
   x = tf.cast(image, tf.float32)
@@ -170,7 +191,7 @@ def color(image, factor):
 
 def contrast(image, factor):
   """PIL ImageEnhance.Contrast: blends with the mean grey level."""
-  mean = tf.round(tf.reduce_mean(_grey(image)[..., 0]))
+  mean = tf.floor(tf.reduce_mean(_grey(image)[..., 0]) + 0.5)
   return _blend(tf.fill(tf.shape(image), mean), image, factor)
 
 
@@ -194,57 +215,88 @@ def sharpness(image, factor):
   return _blend(degenerate, image, factor)
 
 
-def _transform(image, matrix, fill=128.0):
-  """Warps with an output->input 3x3 `matrix` (PIL's convention), bilinear."""
-  flat = tf.reshape(matrix, [9])[:8] / matrix[2, 2]
+def _cubic(v1, v2, v3, v4, d):
+  """PIL's transform bicubic (cubic convolution, a = -1) between v2 and v3 at
+  fraction `d` (float64), in PIL's own order of operations. Integer taps give
+  exact integer coefficients, so they may come as int32."""
+  p2 = -v1 + v3
+  p3 = 2 * (v1 - v2) + v3 - v4
+  p4 = -v1 + v2 - v3 + v4
+  p1, p2, p3, p4 = (tf.cast(p, tf.float64) for p in (v2, p2, p3, p4))
+  return p1 + d * (p2 + d * (p3 + d * p4))
+
+
+def _transform(image, coeffs, fill=FILL_RGB):
+  """PIL's `Image.transform(size, AFFINE, coeffs, BICUBIC, fillcolor=fill)`.
+
+  `coeffs` (a, b, c, d, e, f) map an output pixel centre (x, y) = (col + 0.5,
+  row + 0.5) to the input point (a x + b y + c, d x + e y + f), in PIL's
+  continuous coordinates (pixel i spans [i, i + 1)). Points outside the input
+  take `fill`; the others are bicubic over 4 x 4 taps with edge pixels
+  repeated, clipped to [0, 255] and truncated to uint8, all as PIL does.
+  """
   shape = tf.shape(image)
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=tf.cast(image, tf.float32)[None],
-      transforms=tf.cast(flat, tf.float32)[None],
-      output_shape=shape[:2], fill_value=tf.constant(fill, tf.float32),
-      interpolation='BILINEAR', fill_mode='CONSTANT')[0]
-  return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+  h, w = shape[0], shape[1]
+  a, b, c, d, e, f = tf.unstack(tf.cast(coeffs, tf.float64))
+  ys, xs = tf.meshgrid(tf.range(h, dtype=tf.float64) + 0.5,
+                       tf.range(w, dtype=tf.float64) + 0.5, indexing='ij')
+  x_in = a * xs + b * ys + c
+  y_in = d * xs + e * ys + f
+  outside = ((x_in < 0) | (x_in >= tf.cast(w, tf.float64)) |
+             (y_in < 0) | (y_in >= tf.cast(h, tf.float64)))
+  # Pixel centres sit at i + 0.5: interpolate between floor(p - 0.5) + k.
+  x0, y0 = tf.floor(x_in - 0.5), tf.floor(y_in - 0.5)
+  dx, dy = (x_in - 0.5 - x0)[..., None], (y_in - 0.5 - y0)[..., None]
+  taps = tf.range(-1, 3)
+  cols = tf.clip_by_value(tf.cast(x0, tf.int32)[..., None] + taps, 0, w - 1)
+  rows = tf.clip_by_value(tf.cast(y0, tf.int32)[..., None] + taps, 0, h - 1)
+  pixels = tf.reshape(image, [h * w, -1])
+  # (H, W, 4 rows, 4 cols, C): along x within each row, then along y.
+  grid = tf.cast(tf.gather(pixels, rows[..., :, None] * w + cols[..., None, :]),
+                 tf.int32)
+  along_x = _cubic(*tf.unstack(grid, axis=3), dx[..., None])
+  out = _cubic(*tf.unstack(along_x, axis=2), dy)
+  out = tf.floor(tf.clip_by_value(out, 0.0, 255.0))
+  out = tf.where(outside[..., None], tf.constant(fill, tf.float64), out)
+  return tf.cast(out, tf.uint8)
 
 
-def _affine(a, b, c, d, e, f):
-  return tf.stack([tf.stack([a, b, c]), tf.stack([d, e, f]),
-                   tf.constant([0.0, 0.0, 1.0])])
+def _affine(image, a, b, c, d, e, f):
+  return _transform(image, tf.stack([tf.cast(v, tf.float64)
+                                     for v in (a, b, c, d, e, f)]))
 
 
 def rotate(image, degrees):
-  """Rotates counter-clockwise about the centre, filling with grey."""
-  h = tf.cast(tf.shape(image)[0], tf.float32)
-  w = tf.cast(tf.shape(image)[1], tf.float32)
-  cy, cx = (h - 1) / 2, (w - 1) / 2
-  t = -degrees * math.pi / 180
+  """PIL `Image.rotate(degrees)`: counter-clockwise about the centre."""
+  cx = tf.cast(tf.shape(image)[1], tf.float64) / 2
+  cy = tf.cast(tf.shape(image)[0], tf.float64) / 2
+  t = -tf.cast(degrees, tf.float64) * math.pi / 180
   cos, sin = tf.cos(t), tf.sin(t)
-  # input = R(t) (output - centre) + centre
-  return _transform(image, _affine(cos, sin, cx - cos * cx - sin * cy,
-                                   -sin, cos, cy + sin * cx - cos * cy))
+  # input = R(t) (output - centre) + centre, summed in PIL's order.
+  return _affine(image, cos, sin, cos * -cx + sin * -cy + cx,
+                 -sin, cos, -sin * -cx + cos * -cy + cy)
 
 
 def shear_x(image, level):
-  one, zero = tf.constant(1.0), tf.constant(0.0)
-  return _transform(image, _affine(one, level, zero, zero, one, zero))
+  return _affine(image, 1.0, level, 0.0, 0.0, 1.0, 0.0)
 
 
 def shear_y(image, level):
-  one, zero = tf.constant(1.0), tf.constant(0.0)
-  return _transform(image, _affine(one, zero, zero, level, one, zero))
+  return _affine(image, 1.0, 0.0, 0.0, level, 1.0, 0.0)
 
 
 def translate_x(image, fraction):
   """Shifts by `fraction` of the width (PIL sign convention)."""
-  one, zero = tf.constant(1.0), tf.constant(0.0)
-  pixels = fraction * tf.cast(tf.shape(image)[1], tf.float32)
-  return _transform(image, _affine(one, zero, pixels, zero, one, zero))
+  pixels = tf.cast(fraction, tf.float64) * tf.cast(tf.shape(image)[1],
+                                                 tf.float64)
+  return _affine(image, 1.0, 0.0, pixels, 0.0, 1.0, 0.0)
 
 
 def translate_y(image, fraction):
   """Shifts by `fraction` of the height (PIL sign convention)."""
-  one, zero = tf.constant(1.0), tf.constant(0.0)
-  pixels = fraction * tf.cast(tf.shape(image)[0], tf.float32)
-  return _transform(image, _affine(one, zero, zero, zero, one, pixels))
+  pixels = tf.cast(fraction, tf.float64) * tf.cast(tf.shape(image)[0],
+                                                 tf.float64)
+  return _affine(image, 1.0, 0.0, 0.0, 0.0, 1.0, pixels)
 
 
 def _signed(value, sign):
@@ -255,23 +307,28 @@ def _enhance_arg(m, sign):
   return tf.maximum(0.1, 1.0 + _signed(m / 10 * 0.9, sign))
 
 
-# (name, op, magnitude in [0, 10] and random sign -> op argument), following
-# timm's "increasing" level functions; translate is relative (max 0.45).
+# timm's _RAND_INCREASING_TRANSFORMS ('inc1'), in its order: (timm name, op,
+# magnitude in [0, 10] and random sign -> op argument) with timm's level
+# functions; translate is relative to the image size (max 0.45).
 RAND_AUGMENT_OPS = (
-    ('identity', lambda x, _: x, lambda m, s: m),
-    ('autocontrast', autocontrast, lambda m, s: m),
-    ('equalize', equalize, lambda m, s: m),
-    ('rotate', rotate, lambda m, s: _signed(m / 10 * 30.0, s)),
-    ('solarize', solarize, lambda m, s: 256.0 - tf.floor(m / 10 * 256.0)),
-    ('color', color, _enhance_arg),
-    ('posterize', posterize, lambda m, s: 4 - tf.cast(m / 10 * 4, tf.int32)),
-    ('contrast', contrast, _enhance_arg),
-    ('brightness', brightness, _enhance_arg),
-    ('sharpness', sharpness, _enhance_arg),
-    ('shear_x', shear_x, lambda m, s: _signed(m / 10 * 0.3, s)),
-    ('shear_y', shear_y, lambda m, s: _signed(m / 10 * 0.3, s)),
-    ('translate_x', translate_x, lambda m, s: _signed(m / 10 * 0.45, s)),
-    ('translate_y', translate_y, lambda m, s: _signed(m / 10 * 0.45, s)),
+    ('AutoContrast', autocontrast, lambda m, s: m),
+    ('Equalize', equalize, lambda m, s: m),
+    ('Invert', invert, lambda m, s: m),
+    ('Rotate', rotate, lambda m, s: _signed(m / 10 * 30.0, s)),
+    ('PosterizeIncreasing', posterize,
+     lambda m, s: 4 - tf.cast(m / 10 * 4, tf.int32)),
+    ('SolarizeIncreasing', solarize,
+     lambda m, s: 256.0 - tf.floor(m / 10 * 256.0)),
+    ('SolarizeAdd', solarize_add,
+     lambda m, s: tf.minimum(128, tf.cast(m / 10 * 110, tf.int32))),
+    ('ColorIncreasing', color, _enhance_arg),
+    ('ContrastIncreasing', contrast, _enhance_arg),
+    ('BrightnessIncreasing', brightness, _enhance_arg),
+    ('SharpnessIncreasing', sharpness, _enhance_arg),
+    ('ShearX', shear_x, lambda m, s: _signed(m / 10 * 0.3, s)),
+    ('ShearY', shear_y, lambda m, s: _signed(m / 10 * 0.3, s)),
+    ('TranslateXRel', translate_x, lambda m, s: _signed(m / 10 * 0.45, s)),
+    ('TranslateYRel', translate_y, lambda m, s: _signed(m / 10 * 0.45, s)),
 )
 
 
@@ -284,8 +341,9 @@ def _apply_op(image, index, magnitude, sign):
 
 def rand_augment(image, seed, num_layers=2, magnitude=9, magnitude_std=0.5,
                  prob=0.5):
-  """timm RandAugment: `num_layers` ops drawn with replacement, each applied
-  with probability `prob` at a noisy magnitude clipped to [0, 10]."""
+  """timm RandAugment ('rand-m9-mstd0.5-inc1' by default): `num_layers` ops
+  drawn with replacement from RAND_AUGMENT_OPS, each applied with probability
+  `prob` at a magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10]."""
   dtype = image.dtype
   x = tf.cast(tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0, 255),
               tf.uint8)
