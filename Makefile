@@ -7,9 +7,11 @@ BIN := $(VENV)/bin
 WORKDIR ?= workdir/demo
 
 COMPARE ?= workdir/compare
-VARIANTS ?= mae siamese rmae cmae
+VARIANTS ?= mae,siamese,rmae,cmae
+SEEDS ?= 1
+RESULTS ?= workdir/results
 
-.PHONY: demo compare test bench parity golden clean
+.PHONY: demo compare results test bench parity golden clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,16 +24,20 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/python -m mimjax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
-# The paper's comparison in small: each objective pre-trained and fine-tuned
-# as in the demo, then occlusion invariance and CKA of all their encoders.
+# The paper's comparison in small: each variant pre-trained, fine-tuned and
+# probed as in the demo (SEEDS seeds), then occlusion invariance and CKA of
+# all their encoders; tables in $(COMPARE)/results.md.
 compare: $(VENV)/.installed
-	set -e; for v in $(VARIANTS); do \
-	  $(BIN)/python -m mimjax.main --config=configs/demo.py:$$v \
-	    --workdir=$(COMPARE)/$$v --config.linprobe.enabled=False \
-	    --config.finetune.scratch_baseline=False --config.analyze.enabled=False; \
-	done
-	$(BIN)/python -m mimjax.main --config=configs/demo.py --config.mode=analyze \
-	  --workdir=$(COMPARE) --config.analyze.encoders="$(foreach v,$(VARIANTS),$(v)=$(COMPARE)/$(v)/pretrain/checkpoints,)random=random"
+	$(BIN)/python -m mimjax.tools.results --runs=$(COMPARE) --out=$(COMPARE) \
+	  --variants=$(VARIANTS) --photos= --seeds=$(SEEDS)
+
+# The small-scale reproduction behind docs/results.md: every variant of the
+# transform x similarity matrix, one-image pre-training on three photos,
+# random-init baselines, 3 seeds. QUICK=1: one seed, short runs, written to
+# $(RESULTS)_quick/results.md (a smoke run; docs/results.md is left alone).
+results: $(VENV)/.installed
+	$(BIN)/python -m mimjax.tools.results $(if $(QUICK),--quick \
+	  --runs=$(RESULTS)_quick --out=$(RESULTS)_quick,--runs=$(RESULTS) --out=docs)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
