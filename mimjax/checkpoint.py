@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
+from absl import logging
 from etils import epath
 import flax.linen as nn
 import jax
@@ -17,11 +20,34 @@ def resolve(path) -> epath.Path:
   return epath.Path(path if '://' in path else os.path.abspath(path))
 
 
-def save_params(path: str, params) -> None:
-  """Writes a parameter tree as an orbax checkpoint directory at `path`."""
+def save_params(path: str, params, overwrite: bool = False) -> None:
+  """Writes a parameter tree as an orbax checkpoint directory at `path`.
+
+  An existing non-empty `path` is refused unless `overwrite`, and even then
+  only a previous mimjax checkpoint is replaced: nothing deletes what
+  mimjax did not write.
+  """
   path = resolve(path)
+  if path.exists():
+    if not path.is_dir():
+      raise ValueError(f'{path} exists and is not a directory')
+    names = sorted(p.name for p in path.iterdir())
+    if names and not overwrite:
+      raise ValueError(f'{path} exists and is not empty ({len(names)} '
+                       f'entries: {", ".join(names[:3])}); choose another '
+                       'directory, or --overwrite to replace a previous '
+                       'mimjax checkpoint there')
+    foreign = foreign_entries(path)
+    if foreign:
+      raise ValueError(f'{path} holds {", ".join(foreign[:3])}'
+                       f'{f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""}'
+                       ', which mimjax did not write; --overwrite replaces '
+                       'only a previous mimjax checkpoint: choose another '
+                       'directory')
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, jax.tree.map(np.asarray, params), force=True)
+  if jax.process_index() == 0:
+    write_checksums(path)
 
 
 def load_params(path: str, like=None):
@@ -29,6 +55,9 @@ def load_params(path: str, like=None):
   path = resolve(path)
   if not path.is_dir():
     raise FileNotFoundError(f'no orbax checkpoint directory at {path}')
+  intact, why = verify(path)
+  if intact is False:
+    raise ValueError(f'checkpoint {path} is damaged: {why}')
   with ocp.StandardCheckpointer() as checkpointer:
     if like is None:
       return checkpointer.restore(path)
@@ -46,13 +75,165 @@ def abstract_like(state, shardings):
       state, shardings)
 
 
+# ------------------------------------------------------------- integrity
+
+CHECKSUMS = 'mimjax_checksums.json'  # in each step / params directory
+FINGERPRINT = 'fingerprint.json'  # in a stage's checkpoints/ (main.py)
+# What orbax writes at the top of a params checkpoint (save_params) before
+# mimjax wrote checksums next to it.
+_ORBAX_NAMES = ('_CHECKPOINT_METADATA', '_METADATA', '_sharding', 'd',
+                'commit_success.txt', 'manifest.ocdbt', 'array_metadatas')
+
+
+def _files(directory: epath.Path, prefix: str = ''):
+  """(relative path, path) of every file under `directory`, sorted."""
+  for p in sorted(directory.iterdir(), key=lambda p: p.name):
+    rel = prefix + p.name
+    if p.is_dir():
+      yield from _files(p, rel + '/')
+    elif not rel.startswith(CHECKSUMS):
+      yield rel, p
+
+
+def _sha256(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open('rb') as f:
+    for chunk in iter(lambda: f.read(1 << 22), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def write_checksums(directory) -> None:
+  """Seals a finished checkpoint directory: the SHA-256 of every file."""
+  directory = resolve(directory)
+  files = {rel: _sha256(p) for rel, p in _files(directory)}
+  tmp = directory / (CHECKSUMS + '.tmp')
+  tmp.write_text(json.dumps({'sha256': files}, indent=0))
+  tmp.replace(directory / CHECKSUMS)
+
+
+def verify(directory) -> tuple[bool | None, str]:
+  """(True, '') when every file matches the checksums written with it;
+  (False, why) when one is missing, unreadable or changed; (None, why) for
+  a directory never sealed (written before its checksums, or by an older
+  mimjax)."""
+  directory = resolve(directory)
+  if not directory.is_dir():
+    return False, 'its directory is missing'
+  manifest = directory / CHECKSUMS
+  if not manifest.exists():
+    return None, 'no checksums were written with it'
+  try:
+    files = json.loads(manifest.read_text())['sha256']
+  except (ValueError, KeyError, TypeError, OSError):
+    return False, f'{CHECKSUMS} is unreadable'
+  for rel, expected in files.items():
+    path = directory / rel
+    if not path.exists():
+      return False, f'{rel} is missing'
+    try:
+      actual = _sha256(path)
+    except OSError as e:
+      return False, f'{rel} is unreadable ({e.strerror or e})'
+    if actual != expected:
+      return False, f'{rel} does not match its checksum'
+  return True, ''
+
+
+def foreign_entries(directory) -> list[str]:
+  """Top-level entries of a params directory that `save_params` did not
+  write (all of them, when it is not a mimjax checkpoint)."""
+  directory = resolve(directory)
+  names = sorted(p.name for p in directory.iterdir())
+  ours: set[str] = set()
+  if (directory / CHECKSUMS).exists():
+    try:
+      files = json.loads((directory / CHECKSUMS).read_text())['sha256']
+      ours = {rel.split('/')[0] for rel in files} | {CHECKSUMS}
+    except (ValueError, KeyError, TypeError, OSError):
+      pass
+  elif '_CHECKPOINT_METADATA' in names:  # written before checksums existed
+    ours = {n for n in names
+            if n in _ORBAX_NAMES or n.startswith('ocdbt.process_')}
+  return [n for n in names if n not in ours]
+
+
+def find_init(path: str, what: str = 'finetune.init') -> str:
+  """The checkpoint `path` names: a .pth / .npz / .safetensors file, a run's
+  `<stage>/checkpoints`, or an orbax directory from mimjax-convert. A stage
+  directory or a run root (its pre-training) is accepted and its
+  checkpoints found; anything else is one line naming what to give."""
+  where = resolve(path)
+  if where.is_file():
+    return str(where)
+  if not where.exists():
+    raise FileNotFoundError(f'{what}={path}: no such file or directory')
+  if not where.is_dir():
+    raise ValueError(f'{what}={path} is neither a file nor a directory')
+  names = {p.name for p in where.iterdir()}
+  if (any(n.isdigit() for n in names) or '_CHECKPOINT_METADATA' in names
+      or '_METADATA' in names):
+    return str(where)
+  if 'checkpoints' in names:
+    found = where / 'checkpoints'
+    if not any(p.name.isdigit() for p in found.iterdir()):
+      raise FileNotFoundError(f'{what}={path}: {found} holds no checkpoint '
+                              'yet')
+    if found != where:
+      logging.info('%s=%s: using its checkpoints %s', what, path, found)
+    return str(found)
+  stages = sorted(n for n in names if (where / n / 'checkpoints').is_dir())
+  if 'pretrain' in stages:
+    return find_init(str(where / 'pretrain'), what)
+  if stages:
+    raise ValueError(f'{what}={path} is a run directory without pre-training;'
+                     ' name the checkpoints to use, e.g. '
+                     f'{where / stages[0] / "checkpoints"}')
+  raise ValueError(f"{what}={path} holds no checkpoint: give a run's "
+                   '<stage>/checkpoints directory, a directory written by '
+                   'mimjax-convert, or a .pth file')
+
+
+def latest_step(directory) -> int | None:
+  """The newest step directory in a run's checkpoints dir (None: none)."""
+  directory = resolve(directory)
+  if not directory.is_dir():
+    return None
+  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+  return max(steps) if steps else None
+
+
+def init_identity(path: str | None) -> dict:
+  """What a stage was initialised from: the path, and for a mimjax run its
+  step and the digest of its own fingerprint (main.py compares these)."""
+  if not path:
+    return {'init_from': 'random'}
+  where = resolve(path)
+  out = {'init_from': str(where)}
+  if where.is_file():
+    out['init_bytes'] = where.stat().length
+    return out
+  step = latest_step(where)
+  if step is not None:
+    out['init_step'] = step
+    fingerprint = where / FINGERPRINT
+    if fingerprint.exists():
+      out['init_fingerprint'] = hashlib.sha256(
+          fingerprint.read_bytes()).hexdigest()[:16]
+  return out
+
+
 class Checkpoints:
   """Train-state checkpoints of one run: keep the last N, optionally the best.
 
   Each step directory holds 'state' (the TrainState: params, optimizer,
   step, RNG) and 'meta' (JSON: the data position and anything else). Orbax
   writes to a temporary directory and renames it when complete, so a crash
-  mid-save never replaces the last good checkpoint.
+  mid-save never replaces the last good checkpoint. Once a save has
+  finished (at the next save, `wait` or `close`), process 0 seals it with
+  the SHA-256 of every file (`write_checksums`); `restore_latest` verifies
+  them, moves a damaged step aside to `<directory>_damaged/` and falls back
+  to the newest step that verifies.
   """
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
@@ -63,6 +244,7 @@ class Checkpoints:
         directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True,
             enable_async_checkpointing=async_save))
+    self._unsealed: list[epath.Path] = []
     self.best = None
     if keep_best:
       self.best = ocp.CheckpointManager(
@@ -74,14 +256,91 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict, force: bool = False):
-    self.manager.save(step, args=ocp.args.Composite(
+    saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=force)
+    # Orbax waited for the previous save before starting this one.
+    self._seal(keep_last=bool(saved) and self.manager.is_saving_in_progress())
+    if saved:
+      self._unsealed.append(self.directory / str(step))
 
   def save_best(self, step: int, state, score: float):
     if self.best is not None:
-      self.best.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state)), metrics={'score': score})
+      if self.best.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state)), metrics={'score': score}):
+        self._unsealed.append(self.best.directory / str(step))
+        self._seal(keep_last=self.manager.is_saving_in_progress())
+
+  def _seal(self, keep_last: bool = False):
+    """Writes the checksums of every finished save (process 0)."""
+    pending = [p for p in self._unsealed if p.parent == self.directory]
+    last = pending[-1] if keep_last and pending else None
+    still = []
+    for path in self._unsealed:
+      if path == last:
+        still.append(path)
+      elif jax.process_index() == 0 and path.is_dir():  # kept by orbax
+        write_checksums(path)
+    self._unsealed = still
+
+  def restore_latest(self, target):
+    """(step, state, meta) of the newest checkpoint that verifies, onto the
+    shardings of `target`; (None, None, None) when there is none. A damaged
+    step on the way is moved aside, one line each; only when no step
+    verifies is it an error."""
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      intact, why = verify(self.directory / str(step))
+      if intact is not False:
+        try:
+          state, meta = self.restore(step, target)
+        except ValueError as e:
+          if intact:  # the bytes are the ones written: not damage
+            raise
+          why = f'it does not restore ({str(e).split(": ", 1)[-1]})'
+        else:
+          if damaged:
+            logging.warning('resuming from step %d, the newest checkpoint in '
+                            '%s that verifies', step, self.directory)
+          return step, state, meta
+      damaged.append(f'{step} ({why})')
+      self._set_aside(step, why)
+    if damaged:
+      raise ValueError(
+          f'no checkpoint in {self.directory} verifies: step '
+          f'{", ".join(damaged)} moved to {self.aside}; run again to start '
+          'this stage from scratch')
+    return None, None, None
+
+  @property
+  def aside(self) -> epath.Path:
+    return self.directory.parent / (self.directory.name + '_damaged')
+
+  def _set_aside(self, step: int, why: str):
+    """Moves a damaged step out of orbax's sight (never deletes it)."""
+    dest = self.aside / str(step)
+    n = 1
+    while dest.exists():
+      dest, n = self.aside / f'{step}.{n}', n + 1
+    if jax.process_index() == 0:
+      self.aside.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'mimjax_set_aside_{step}')
+    self.manager.reload()
+    logging.warning('checkpoint step %d in %s is damaged: %s; moved to %s',
+                    step, self.directory, why, dest)
+
+  def last_good(self) -> str:
+    """The newest checkpoint that verifies, in words (for error messages)."""
+    self.wait()
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      intact, _ = verify(self.directory / str(step))
+      if intact is not False:
+        return (f'step {step} in {self.directory} '
+                f'({"verified" if intact else "not checksummed"})')
+    return f'no checkpoint yet in {self.directory}'
 
   def restore(self, step: int, target):
     """Restores (state, meta) at `step` onto the shardings of `target`."""
@@ -98,6 +357,7 @@ class Checkpoints:
     self.manager.wait_until_finished()
     if self.best is not None:
       self.best.wait_until_finished()
+    self._seal()
 
   def close(self):
     self.wait()
@@ -117,6 +377,10 @@ def load_state_params(directory: str, step: int | None = None):
     step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {directory}')
+  intact, why = verify(directory / str(step))
+  if intact is False:
+    raise ValueError(f'checkpoint step {step} in {directory} is damaged: '
+                     f'{why}')
   path = directory / str(step) / 'state'
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.PyTreeCheckpointer() as checkpointer:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
+
 import ml_collections as mlc
 from ml_collections import config_dict
 
@@ -75,6 +79,9 @@ def base_config() -> mlc.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.stop_at_step = 0  # > 0: end each stage there (checkpointed) to resume later
+  # True: a stage whose checkpoints were written with other settings (see
+  # `stage_fingerprint`) is moved aside to <stage>.old-N and starts afresh.
+  c.overwrite = False
   c.reference = mlc.ConfigDict()  # the paper's numbers, for the summary
   return c
 
@@ -86,6 +93,7 @@ def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1):
   """
   if config.mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {config.mode!r}')
+  check_counts(config)
   vit.preset(config.model.size)
   mesh, _ = sharding.mesh_shapes(config.mesh, config.mesh_dcn, num_devices,
                                  num_granules, config.model.size)
@@ -107,6 +115,9 @@ def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1):
       raise ValueError(f'{where}.image_size {data.image_size} is not '
                        f'divisible by model.patch_size {p}')
   masking.check_ratio(config.pretrain.mask_ratio)
+  check_data(config)
+  check_visible(config)
+  check_inits(config)
   if config.linprobe.optimizer not in ('lars', 'adamw'):
     raise ValueError("linprobe.optimizer must be 'lars' or 'adamw', got "
                      f'{config.linprobe.optimizer!r}')
@@ -130,6 +141,202 @@ def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1):
   if config.eval_batch_size % data_parallel:
     raise ValueError(f'eval_batch_size {config.eval_batch_size} is not '
                      f'divisible by the data-parallel size {data_parallel}')
+
+
+# ------------------------------------------------ refused before any work
+# (docs/training.md, "What mimjax refuses, and what it recovers from")
+
+STAGES = ('pretrain', 'finetune', 'linprobe')
+# mimjax's own datasets (data/pipeline.py reads them); 'folder:/root' too.
+DATASETS = ('digits', 'one_image', 'imagenet2012', 'imagenette', 'cifar10',
+            'cifar100')
+
+
+def stages_run(config) -> tuple[str, ...]:
+  """The training stages `config.mode` runs."""
+  mode = config.mode
+  return tuple(s for s in STAGES if mode == s or (
+      mode == 'pipeline' and (s != 'linprobe' or config.linprobe.enabled)))
+
+
+def check_counts(config):
+  """Sizes, cadences and lengths that mean nothing (or lose work) below 1."""
+  for key, what in (('log_every', 'steps between logs'),
+                    ('checkpoint_every', 'steps between checkpoints'),
+                    ('keep_checkpoints', 'checkpoints kept; 0 would delete '
+                     'every one, the last included'),
+                    ('eval_batch_size', 'images per eval batch')):
+    if config[key] < 1:
+      raise ValueError(f'{key} must be at least 1 ({what}), got {config[key]}')
+  if config.stop_at_step < 0:
+    raise ValueError(f'stop_at_step must be >= 0 (0: run to the end), got '
+                     f'{config.stop_at_step}')
+  for stage in STAGES:
+    c = config[stage]
+    if c.batch_size < 1:
+      raise ValueError(f'{stage}.batch_size must be at least 1, got '
+                       f'{c.batch_size}')
+    for key in ('steps', 'epochs', 'warmup_steps', 'warmup_epochs',
+                'eval_every', 'knn_every', 'recon_every'):
+      if key in c and c[key] < 0:
+        raise ValueError(f'{stage}.{key} must be >= 0, got {c[key]}')
+    if c.get('accumulate', 1) < 1:
+      raise ValueError(f'{stage}.accumulate must be at least 1, got '
+                       f'{c.accumulate}')
+  for stage in stages_run(config):
+    c = config[stage]
+    if not c.steps and not c.epochs:
+      raise ValueError(f'{stage} would train nothing: {stage}.steps and '
+                       f'{stage}.epochs are both 0')
+
+
+def check_data(config):
+  """Dataset names (with a suggestion for a typo), image folders and the
+  one-image photo, for every data config the mode reads."""
+  used = [('data', config.data)]
+  if 'pretrain' in stages_run(config):
+    used.append(('pretrain.data', config.pretrain.data))
+  for where, data in used:
+    name = data.name
+    if name.startswith('folder:'):
+      root = os.path.expanduser(name[len('folder:'):])
+      if not os.path.isdir(root):
+        raise ValueError(f'{where}.name={name!r}: no directory at {root}')
+    elif name not in DATASETS:
+      close = difflib.get_close_matches(name, DATASETS, n=1)
+      hint = f'did you mean {close[0]!r}? ' if close else ''
+      raise ValueError(f'unknown dataset {where}.name={name!r}; {hint}known: '
+                       f'{", ".join(DATASETS)} or folder:/path/to/root')
+    elif name == 'one_image' and data.one_image_path:
+      check_photo(data.one_image_path, config.model.patch_size,
+                  f'{where}.one_image_path')
+
+
+def check_photo(path: str, min_side: int, what: str = 'one_image_path'):
+  """A photo PIL can read whose shorter side is at least `min_side` pixels."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  full = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isfile(full):
+    raise ValueError(f'{what}: no file at {full}')
+  try:
+    with Image.open(full) as im:
+      im.verify()
+    with Image.open(full) as im:
+      size = im.size
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'{what}: {full} is not an image PIL can read '
+                     f'({type(e).__name__})') from None
+  if min(size) < min_side:
+    raise ValueError(f'{what}: {full} is {size[0]}x{size[1]} pixels, smaller '
+                     f'than one {min_side}x{min_side} patch: every crop of it '
+                     'would be nearly constant')
+
+
+def check_visible(config):
+  """Each masked view must keep at least one patch visible."""
+  p = config.model.patch_size
+  checks = []
+  if 'pretrain' in stages_run(config) and config.pretrain.mask in (
+      'random', 'complementary', 'independent', 'block'):
+    checks.append(('pretrain.mask_ratio', config.pretrain.mask_ratio,
+                   config.pretrain.data.image_size))
+  if config.mode == 'analyze' or (config.mode == 'pipeline' and
+                                  config.analyze.enabled):
+    checks.append(('analyze.mask_ratio', config.analyze.mask_ratio,
+                   config.data.image_size))
+  for key, ratio, size in checks:
+    patches = (size // p) ** 2
+    if masking.num_kept(patches, ratio) < 1:
+      raise ValueError(f'{key}={ratio} leaves no patch visible of the '
+                       f'{patches} in a {size}x{size} image (patch {p}); '
+                       f'a ratio below {1 - 1 / patches:.4g} keeps one')
+
+
+def check_inits(config):
+  """finetune.init / linprobe.init name a checkpoint that exists (a run
+  root or stage directory is accepted: its checkpoints are found)."""
+  stages = stages_run(config)
+  for stage in ('finetune', 'linprobe'):
+    if stage in stages and config[stage].init:
+      init_path(config[stage].init, f'{stage}.init')
+
+
+def init_path(path: str, what: str) -> str:
+  """The checkpoint `path` names (checkpoint.find_init), or one clear line."""
+  from mimjax import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.find_init(path, what)
+
+
+def check_workdir(workdir: str):
+  """A workdir mimjax can create and write: not under a file, not on a
+  read-only or full file system (local paths; gs:// is checked on write)."""
+  if '://' in workdir:
+    return
+  path = os.path.abspath(os.path.expanduser(workdir))
+  probe = path
+  while not os.path.lexists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ValueError(f'workdir {workdir}: {probe} is a file, not a directory')
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(f'workdir {workdir}: {probe} is not writable')
+  try:
+    stats = os.statvfs(probe)
+  except OSError:
+    return
+  if stats.f_bavail * stats.f_frsize < (1 << 20):
+    raise ValueError(f'workdir {workdir}: the file system of {probe} is full '
+                     f'({stats.f_bavail * stats.f_frsize} bytes free)')
+
+
+# ------------------------------------------------ what defines a stage
+
+# Keys that may change when a stage resumes (main.guard_stage): cadences,
+# where the data lives, how the run is laid out on devices, and a longer
+# run (`GROWABLE`, not a shorter one). Top-level keys other than `seed`
+# (stop_at_step, log_every, checkpoint_every, keep_checkpoints,
+# eval_batch_size, mesh, mesh_dcn, sharding_rules, mode, overwrite,
+# analyze.*, reference.*) are not part of any stage's fingerprint.
+RESUMABLE = ('data_dir', 'prepare', 'num_parallel', 'remat', 'eval_every',
+             'knn_every', 'knn_k', 'knn_examples', 'recon_every', 'init',
+             'enabled', 'scratch_baseline', 'scratch_layer_decay')
+GROWABLE = ('steps', 'epochs')
+
+
+def stage_fingerprint(config, kind: str) -> dict:
+  """The settings that define a `kind` stage ('pretrain', 'finetune' or
+  'linprobe'), flattened: its subtree, the model, its data and the seed."""
+  def flat(node, prefix):
+    out = {}
+    for key, value in node.items():
+      path = f'{prefix}.{key}'
+      if isinstance(value, (mlc.ConfigDict, dict)):
+        out.update(flat(value, path))
+      elif key not in RESUMABLE:
+        out[path] = value
+    return out
+
+  fingerprint = {'seed': config.seed, **flat(config.model, 'model'),
+                 **flat(config[kind], kind)}
+  if kind != 'pretrain':  # pretrain.data is in pretrain's subtree
+    fingerprint.update(flat(config.data, 'data'))
+  # JSON's view of the values (tuples are lists), as they are stored.
+  return json.loads(json.dumps(fingerprint, default=str))
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+  """'key old -> new' for each key that differs and may not (RESUMABLE and
+  GROWABLE excepted)."""
+  changes = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, '<unset>'), new.get(key, '<unset>')
+    if a == b or key.rsplit('.', 1)[-1] in RESUMABLE:
+      continue
+    if (key.rsplit('.', 1)[-1] in GROWABLE and isinstance(a, (int, float))
+        and isinstance(b, (int, float)) and b >= a):
+      continue
+    changes.append(f'{key} {a!r} -> {b!r}')
+  return changes
 
 
 # Views each mask function gives (None: one per view of the view function).

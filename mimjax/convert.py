@@ -250,11 +250,99 @@ def _flatten(tree, prefix=''):
   return out
 
 
+# ------------------------------------------------------- what a file holds
+
+_PATCH_KEYS = ('patch_embed.proj.weight',
+               'vit.embeddings.patch_embeddings.projection.weight')
+_DECODER_EMBED_KEYS = ('decoder_embed.weight', 'decoder.decoder_embed.weight')
+
+
+def describe(state_dict: dict[str, np.ndarray]) -> dict[str, Any]:
+  """What a state dict's shapes tell: the encoder's width, depth and patch
+  size, and (when it has one) the decoder's width and depth. Heads cannot
+  be seen in a state dict."""
+  state_dict = {k.removeprefix('module.'): v for k, v in state_dict.items()}
+  fmt = detect_format(state_dict)
+  block_re = _HF_BLOCK_RE if fmt == 'hf' else _MAE_BLOCK_RE
+  blocks = {'encoder': set(), 'decoder': set()}
+  for key in state_dict:
+    match = block_re.match(key)
+    if match:
+      stack, index, _ = match.groups()
+      blocks['decoder' if stack.startswith('decoder') else 'encoder'].add(
+          int(index))
+  out = {'depth': len(blocks['encoder'])}
+  key = next((k for k in _PATCH_KEYS if k in state_dict), None)
+  if key is not None:
+    shape = tuple(np.shape(state_dict[key]))  # (D, C, p, p)
+    out.update(width=shape[0], patch_size=shape[-1], patch_key=key,
+               patch_shape=shape)
+  key = next((k for k in _DECODER_EMBED_KEYS if k in state_dict), None)
+  if key is not None:
+    shape = tuple(np.shape(state_dict[key]))  # (decoder width, D)
+    out.update(decoder_width=shape[0], decoder_depth=len(blocks['decoder']),
+               decoder_key=key, decoder_shape=shape)
+  return out
+
+
+def check_preset(state_dict: dict[str, np.ndarray], model: str,
+                 decoder_heads: int | None = None,
+                 patch_size: int | None = None) -> dict[str, Any]:
+  """Refuses weights whose shapes do not fit ViT-`model` (so that nothing is
+  split into a wrong number of heads), naming both shapes; returns
+  `describe`'s view of them."""
+  from mimjax.models import vit  # pylint: disable=g-import-not-at-top
+  found = describe(state_dict)
+  preset = vit.preset(model)
+  width, depth = found.get('width'), found['depth']
+  if width is None:
+    raise ValueError('the weights have no patch embedding '
+                     f'({" or ".join(_PATCH_KEYS)}): not a ViT encoder')
+  if (width, depth) != (preset['width'], preset['depth']):
+    same = [n for n, (w, d, _) in vit.PRESETS.items() if (w, d) == (width,
+                                                                    depth)]
+    hint = f'; use --model={same[0]}' if same else ''
+    raise ValueError(
+        f'the weights are a ViT of width {width} and depth {depth} '
+        f'({found["patch_key"]} has shape {found["patch_shape"]}), but '
+        f'--model={model} is width {preset["width"]}, depth '
+        f'{preset["depth"]}, {preset["num_heads"]} heads{hint}')
+  if width % preset['num_heads']:
+    raise ValueError(f'width {width} is not divisible by the '
+                     f'{preset["num_heads"]} heads of ViT-{model}')
+  if patch_size and found['patch_size'] != patch_size:
+    raise ValueError(f'the weights have patch size {found["patch_size"]} '
+                     f'({found["patch_key"]} has shape '
+                     f'{found["patch_shape"]}), not {patch_size}')
+  dec = found.get('decoder_width')
+  if dec is not None and decoder_heads and dec % decoder_heads:
+    raise ValueError(f'the decoder has width {dec} ({found["decoder_key"]} '
+                     f'has shape {found["decoder_shape"]}), which '
+                     f'--decoder_heads={decoder_heads} does not divide')
+  return found
+
+
 # ----------------------------------------------------------------- CLI
 
 
 def main(argv=None):
-  """mimjax-convert: a .pth / .safetensors checkpoint -> an orbax checkpoint."""
+  """mimjax-convert: a .pth / .safetensors checkpoint -> an orbax checkpoint.
+
+  From the command line (argv None) an error is one line and exit status 1;
+  called with argv, it raises.
+  """
+  if argv is None:
+    try:
+      return _main(None)
+    except (ValueError, OSError) as e:
+      text = str(e).strip()
+      print(f'mimjax-convert: error: {text.splitlines()[0] if text else e!r}',
+            file=sys.stderr)
+      return 1
+  return _main(argv)
+
+
+def _main(argv):
   from mimjax import checkpoint, torch_io  # pylint: disable=g-import-not-at-top
   from mimjax.models import vit  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=main.__doc__)
@@ -266,14 +354,35 @@ def main(argv=None):
   parser.add_argument('--decoder_heads', type=int, default=16)
   parser.add_argument('--scan', action='store_true',
                       help='write stacked (scanned) block parameters')
+  parser.add_argument('--patch_size', type=int, default=0,
+                      help='refuse weights of another patch size (0: any)')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace a previous mimjax checkpoint in OUTPUT '
+                      '(nothing else there is ever deleted)')
   args = parser.parse_args(argv)
+  out = checkpoint.resolve(args.output)
+  if out.exists() and not args.overwrite and (
+      not out.is_dir() or any(True for _ in out.iterdir())):
+    raise ValueError(f'{args.output} exists and is not empty; choose another '
+                     'directory, or --overwrite to replace a previous mimjax '
+                     'checkpoint there')
+  if out.is_dir() and checkpoint.foreign_entries(out):
+    raise ValueError(f'{args.output} holds '
+                     f'{", ".join(checkpoint.foreign_entries(out)[:3])}, '
+                     'which mimjax did not write; --overwrite replaces only a '
+                     'previous mimjax checkpoint: choose another directory')
   state_dict = torch_io.load_state_dict(args.source)
+  found = check_preset(state_dict, args.model, args.decoder_heads,
+                       args.patch_size)
   heads = vit.preset(args.model)['num_heads']
   params = import_state_dict(state_dict, heads, args.decoder_heads, args.scan)
-  checkpoint.save_params(args.output, params)
+  checkpoint.save_params(args.output, params, overwrite=args.overwrite)
   total = sum(x.size for x in jax.tree.leaves(params))
+  decoder = (f', decoder width {found["decoder_width"]} depth '
+             f'{found["decoder_depth"]}' if 'decoder_width' in found else '')
   print(f'wrote {args.output}: {", ".join(sorted(params))} '
-        f'({total:,} parameters)')
+        f'({total:,} parameters; ViT-{args.model}, patch '
+        f'{found["patch_size"]}{decoder})')
   return 0
 
 

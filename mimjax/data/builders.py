@@ -67,8 +67,12 @@ def load_photo(path: str = '') -> np.ndarray:
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
     return datasets.load_sample_image('china.jpg')
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(path) as im:
-    return np.asarray(im.convert('RGB'))
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert('RGB'))
+  except (OSError, SyntaxError, ValueError) as e:  # PIL's "not an image"
+    raise ValueError(f'one_image: {path} is not an image PIL can read '
+                     f'({type(e).__name__})') from None
 
 
 class OneImage(tfds.core.GeneratorBasedBuilder):

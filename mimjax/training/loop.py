@@ -49,9 +49,13 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
                                  keep_best=score_key is not None)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
-  start = ckpts.latest_step() or 0
+  # The newest checkpoint whose checksums verify; damaged ones are moved
+  # aside (checkpoint.Checkpoints.restore_latest).
+  start, restored, _ = ckpts.restore_latest(
+      checkpoint.abstract_like(state, shardings))
+  start = start or 0
   if start:
-    state, _ = ckpts.restore(start, checkpoint.abstract_like(state, shardings))
+    state = restored
     logging.info('%s: resumed from step %d in %s', name, start, workdir)
   else:
     parameter_overview.log_parameter_overview(state.params)
@@ -67,11 +71,9 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
     nonlocal last_finite
     bad = int(first_bad)
     if bad >= 0:
-      ckpts.wait()
       raise NonFiniteError(
           f'{name}: non-finite loss or gradient at step {bad}; last finite '
-          f'metrics {last_finite}; last good checkpoint: step '
-          f'{ckpts.latest_step()} in {ckpts.directory} (intact)')
+          f'metrics {last_finite}; last good checkpoint: {ckpts.last_good()}')
     last_finite = {'step': step, **_scalars(metrics)}
     summary.setdefault('loss_first', last_finite.get('loss'))
 
