@@ -1,4 +1,8 @@
-"""Orbax checkpoints of parameter trees."""
+"""Orbax checkpoints of parameter trees.
+
+Why this module is long: saving, restoring and verifying are one contract
+(nothing restored unverified, nothing deleted that mimjax did not write).
+"""
 
 from __future__ import annotations
 
@@ -61,18 +65,36 @@ def load_params(path: str, like=None):
   with ocp.StandardCheckpointer() as checkpointer:
     if like is None:
       return checkpointer.restore(path)
-    from mimjax import convert  # pylint: disable=g-import-not-at-top
     like = nn.meta.unbox(like)
     stored = checkpointer.metadata(path).item_metadata.tree
-    convert.check_compatible(like, stored, f'checkpoint {path}')
+    check_compatible(like, stored, f'checkpoint {path}')
     return checkpointer.restore(path, like)
 
 
-def abstract_like(state, shardings):
-  """ShapeDtypeStructs with shardings: the restore target for `state`."""
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      state, shardings)
+def check_compatible(expected, loaded, what: str = 'checkpoint'):
+  """Raises one line naming the first parameter whose presence or shape differs."""
+  flat_e = flatten(nn.meta.unbox(expected))
+  flat_l = flatten(nn.meta.unbox(loaded))
+  for path, leaf in flat_e.items():
+    if path not in flat_l:
+      raise ValueError(f'{what} lacks parameter {path} {tuple(leaf.shape)}')
+    if tuple(flat_l[path].shape) != tuple(leaf.shape):
+      raise ValueError(
+          f'{what} parameter {path} has shape {tuple(flat_l[path].shape)}, '
+          f'the model expects {tuple(leaf.shape)}')
+  extra = sorted(set(flat_l) - set(flat_e))
+  if extra:
+    raise ValueError(f'{what} has parameter {extra[0]} the model does not have')
+
+
+def flatten(tree, prefix='') -> dict:
+  """{'a/b/c': leaf} of a nested dict."""
+  if not hasattr(tree, 'items'):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(flatten(v, f'{prefix}/{k}' if prefix else k))
+  return out
 
 
 # ------------------------------------------------------------- integrity

@@ -1,4 +1,9 @@
-"""The config schema every recipe in configs/ fills in, and its validation."""
+"""The config schema every recipe in configs/ fills in, and its validation.
+
+Why this module is long: each key's default sits next to the check that
+refuses a bad value before anything runs, and next to what decides whether
+a stage may resume (its fingerprint).
+"""
 
 from __future__ import annotations
 
@@ -339,9 +344,6 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
   return changes
 
 
-# Views each mask function gives (None: one per view of the view function).
-MASK_VIEWS = {'random': 1, 'block': 1, 'grid': 1, 'complementary': 2,
-              'independent': None, 'none': None}
 POSITIONAL = ('mae', 'siamese', 'rmae')  # compare pixels patch by patch
 
 
@@ -349,15 +351,15 @@ def check_transform(c: mlc.ConfigDict):
   """Refuses a (views, mask, objective) triple that makes no sense, naming
   why (docs/objectives.md, "The transform x similarity matrix")."""
   views.get(c.views, **c.view_kwargs.to_dict())  # unknown names and knobs
-  if c.mask not in MASK_VIEWS:
+  if c.mask not in masking.NUM_VIEWS:
     raise ValueError(f'unknown pretrain.mask {c.mask!r}; known: '
-                     f'{sorted(MASK_VIEWS)}')
+                     f'{sorted(masking.NUM_VIEWS)}')
   crops = c.views == 'crops'
   kw = c.view_kwargs
   aligned = not crops or (tuple(kw.get('scale', (0.08, 1.0))) == (1.0, 1.0)
                           and not kw.get('flip', True))
   num_views = (kw.get('num_views', 2) if crops else 1)
-  masks = MASK_VIEWS[c.mask] or (num_views if crops else 2)
+  masks = masking.NUM_VIEWS[c.mask] or (num_views if crops else 2)
   what = f'pretrain.views={c.views!r} with pretrain.mask={c.mask!r}'
   if c.mask == 'none' and not crops:
     raise ValueError(f'{what} gives identical views: nothing to learn; use '

@@ -270,3 +270,25 @@ def hidden_and_seen(a: Mask, b: Mask) -> jax.Array:
   """(B, L) weights: 1 where view A hides the patch and view B sees it,
   a.mask * (1 - b.mask). For complementary views this is exactly a.mask."""
   return a.mask * (1.0 - b.mask)
+
+
+# Views each mask function gives (None: one per view of the view function).
+NUM_VIEWS = {'random': 1, 'block': 1, 'grid': 1, 'complementary': 2,
+             'independent': None, 'none': None}
+
+
+def get(name: str, ratio: float = 0.75, grid: tuple[int, int] | None = None,
+        num_views: int = 2) -> MaskFn:
+  """A mask function by name (`NUM_VIEWS`); `grid` for 'block' and 'grid',
+  `num_views` for 'independent' and 'none'."""
+  makers = {
+      'random': lambda: random(ratio),
+      'complementary': lambda: complementary(ratio),
+      'independent': lambda: independent(ratio, num_views),
+      'block': lambda: block(grid, ratio),
+      'grid': lambda: grid_mask(grid),
+      'none': lambda: none(num_views),
+  }
+  if name not in makers:
+    raise ValueError(f'unknown mask {name!r}; known: {sorted(makers)}')
+  return makers[name]()

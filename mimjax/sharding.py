@@ -172,3 +172,11 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in local.items()}
+
+
+def shaped(tree, shardings):
+  """ShapeDtypeStructs of `tree`'s arrays, placed by `shardings`: an
+  abstract state (to compile or restore against)."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)

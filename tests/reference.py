@@ -64,13 +64,43 @@ def images(batch, size, seed=1):
       (batch, size, size, 3)).astype(np.float32)
 
 
-def hf_mae(name):
-  """HF ViTMAEForPreTraining (eval mode) with reference weights."""
-  import torch  # pylint: disable=g-import-not-at-top
+def perturb(params, seed=0, scale=0.1):
+  """mimjax parameters with every leaf moved off its init (at init, biases,
+  norm offsets and tokens are zeros, norm scales ones)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: np.asarray(x, np.float32) + scale *
+                      rng.standard_normal(np.shape(x)).astype(np.float32),
+                      params)
+
+
+def hf_layout():
+  """The export layout of the installed transformers ('hf': 5.x names)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  return 'hf' if int(transformers.__version__.split('.')[0]) >= 5 else 'hf4'
+
+
+def _hf_model(name):
   import transformers  # pylint: disable=g-import-not-at-top
   config = transformers.ViTMAEConfig(**HF_CONFIGS[name], layer_norm_eps=1e-6,
                                      mask_ratio=0.75)
-  model = transformers.ViTMAEForPreTraining(config).eval()
+  return transformers.ViTMAEForPreTraining(config).eval()
+
+
+def hf_mae_from(name, state_dict):
+  """HF ViTMAEForPreTraining loading `state_dict` (numpy) strictly: every
+  name it has, no other."""
+  import torch  # pylint: disable=g-import-not-at-top
+  model = _hf_model(name)
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in
+                         state_dict.items()}, strict=True)
+  return model
+
+
+def hf_mae(name):
+  """HF ViTMAEForPreTraining (eval mode) with reference weights."""
+  import torch  # pylint: disable=g-import-not-at-top
+  model = _hf_model(name)
   # transformers 5 may skip its own sin-cos init (leaving zeros): redo it.
   embeddings = model.vit.embeddings
   embeddings.patch_embeddings.projection._is_hf_initialized = False
@@ -104,15 +134,16 @@ def hf_outputs(model, images_nhwc, noise):
   return out
 
 
-def timm_vit(name):
-  """timm VisionTransformer, global average pool + fc_norm, reference weights."""
+def timm_vit(name, state_dict=None):
+  """timm VisionTransformer, global average pool + fc_norm, with reference
+  weights, or loading `state_dict` (numpy) strictly."""
   import torch  # pylint: disable=g-import-not-at-top
   from timm.models import vision_transformer  # pylint: disable=g-import-not-at-top
   model = vision_transformer.VisionTransformer(
       **TIMM_CONFIGS[name], global_pool='avg').eval()
   names = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-  model.load_state_dict({k: torch.from_numpy(v) for k, v in
-                         weights(names).items()})
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in (
+      state_dict or weights(names)).items()}, strict=True)
   return model, names
 
 

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimjax import main as main_lib
+from mimjax.training import pipeline
 from mimjax import sharding
-from mimjax.analysis import report
+from mimjax.analysis import plots, report
 from mimjax.models import vit
-from mimjax.training import trainers
+from mimjax import build
 from tiny_config import tiny_config
 
 
@@ -59,7 +59,7 @@ class PatchPixels(nn.Module):
 def _analyze(monkeypatch, workdir, data_dir, examples, eval_batch_size,
              encoders='one=random,two=random'):
   """report.run with the stand-in encoder: (summaries, analysis.json)."""
-  monkeypatch.setattr(trainers, 'make_encoder',
+  monkeypatch.setattr(build, 'encoder',
                       lambda model: PatchPixels(model.patch_size))
   c = tiny_config(data_dir, mode='analyze')
   c.analyze.examples, c.eval_batch_size = examples, eval_batch_size
@@ -121,7 +121,7 @@ def test_cka_overview_of_seven_encoders(tmp_path):
   rng = np.random.default_rng(0)
   pairs = {(a, b): rng.uniform(size=(12, 12))
            for i, a in enumerate(names) for b in names[i + 1:]}
-  report.plot_cka_overview(str(tmp_path / 'overview.png'), names, pairs)
+  plots.plot_cka_overview(str(tmp_path / 'overview.png'), names, pairs)
   with open(tmp_path / 'overview.png', 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
@@ -152,7 +152,7 @@ def test_views_are_complementary_and_features_are_patch_means(data_dir):
 def test_analyze_mode_same_encoder_twice(tmp_path, data_dir):
   c = tiny_config(data_dir, mode='analyze')
   c.analyze.encoders = 'one=random, two=random'
-  summaries = main_lib.run(c, str(tmp_path))
+  summaries = pipeline.run(c, str(tmp_path))
   assert [(s['stage'], s['init']) for s in summaries] == [
       ('analyze', 'one'), ('analyze', 'two')]
   with open(tmp_path / 'analyze' / 'analysis.json') as f:
@@ -184,5 +184,5 @@ def test_bad_encoder_list_fails_before_training(tmp_path, data_dir, spec,
   c = tiny_config(data_dir, mode='pipeline')
   c.analyze.encoders = spec
   with pytest.raises(error, match=message):
-    main_lib.run(c, str(tmp_path))
+    pipeline.run(c, str(tmp_path))
   assert not os.path.exists(tmp_path / 'pretrain')

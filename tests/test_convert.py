@@ -1,8 +1,10 @@
-"""Tests for mimjax.convert: state-dict import, layouts, shape checks, the CLI.
+"""Tests for mimjax.convert: state-dict import and export, layouts, shape
+checks, the CLI.
 
 State dicts are built here from numpy arrays of the right shapes by writing
-the inverse of the conversion (mimjax tree -> official MAE / HF names), so
-none of this needs torch; only the `torch.save` CLI case does.
+the inverse of the conversion (mimjax tree -> official MAE / HF names) by
+hand, independently of `convert.export_state_dict`, which is checked against
+it; none of this needs torch; only the `torch.save` CLI cases do.
 """
 
 import os
@@ -11,6 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from mimjax import checkpoint, convert, masking, mim, objectives, torch_io
 from mimjax.models import Classifier, Decoder, Encoder, posemb_sincos_2d
@@ -58,8 +61,8 @@ def random_like(shapes, seed=0):
 def assert_trees_equal(actual, expected):
   assert (jax.tree_util.tree_structure(actual) ==
           jax.tree_util.tree_structure(expected))
-  flat_a = convert._flatten(actual)  # pylint: disable=protected-access
-  flat_e = convert._flatten(expected)  # pylint: disable=protected-access
+  flat_a = checkpoint.flatten(actual)  # pylint: disable=protected-access
+  flat_e = checkpoint.flatten(expected)  # pylint: disable=protected-access
   assert sorted(flat_a) == sorted(flat_e)
   for path, value in flat_e.items():
     np.testing.assert_array_equal(np.asarray(flat_a[path]), value,
@@ -197,7 +200,7 @@ def test_official_mae_full_matches_model_and_round_trips(mae_params, mae_sd):
   assert sorted(params) == ['decoder', 'encoder']
   # The official MAE dict stores its (fixed) encoder pos_embed; a model with
   # a learned position embedding takes it.
-  convert.check_compatible(mae_shapes(posemb='learn'), params)
+  checkpoint.check_compatible(mae_shapes(posemb='learn'), params)
   # Fused qkv split into q, k, v per head, and everything else, exactly.
   assert_trees_equal(params, mae_params)
   np.testing.assert_array_equal(
@@ -218,7 +221,7 @@ def test_official_mae_fits_default_sincos_model(mae_sd):
   # A pre-training release stores the fixed sin-cos table: it is dropped.
   mae_sd = {**mae_sd, 'pos_embed': posemb_sincos_2d(GRID, WIDTH)[None]}
   params = convert.import_state_dict(mae_sd, HEADS, DEC_HEADS)
-  convert.check_compatible(mae_shapes(), params)
+  checkpoint.check_compatible(mae_shapes(), params)
   # A learned (fine-tuned) embedding is kept.
   mae_sd['pos_embed'] = mae_sd['pos_embed'] + 0.01
   params = convert.import_state_dict(mae_sd, HEADS, DEC_HEADS)
@@ -271,7 +274,7 @@ def test_finetuned_dict_converts_to_classifier():
   assert {'fc_norm.weight', 'head.weight', 'pos_embed'} <= set(sd)
   assert 'norm.weight' not in sd
   params = convert.import_state_dict(sd, HEADS)
-  convert.check_compatible(expected, params)
+  checkpoint.check_compatible(expected, params)
   assert_trees_equal(params, values)
   # ... and the classifier runs on it.
   logits, _ = Classifier(encoder(posemb='learn'), NUM_CLASSES).apply(
@@ -304,7 +307,7 @@ def test_hf_4x_and_5x_names_give_the_same_params(mae_sd):
   from_mae = convert.import_state_dict(mae_sd, HEADS, DEC_HEADS)
   del from_mae['encoder']['pos_embed']
   assert_trees_equal(from_hf5, from_mae)
-  convert.check_compatible(mae_shapes(), from_hf4)
+  checkpoint.check_compatible(mae_shapes(), from_hf4)
 
 
 # --------------------------------------------------------- scanned layout
@@ -320,7 +323,7 @@ def test_stack_unstack_round_trip_and_scan_model(mae_params, mae_sd):
         transformer['blocks']['attn']['query']['kernel'][1],
         mae_params[module]['transformer']['blocks_1']['attn']['query'][
             'kernel'])
-  convert.check_compatible(mae_shapes(scan=True, posemb='learn'), stacked)
+  checkpoint.check_compatible(mae_shapes(scan=True, posemb='learn'), stacked)
   assert_trees_equal(convert.unstack_blocks(stacked), mae_params)
   # import_state_dict(scan=True) is the same as stacking afterwards.
   assert_trees_equal(
@@ -345,15 +348,15 @@ def test_check_compatible_names_first_mismatch_with_both_shapes(mae_params):
   loaded['encoder']['transformer']['blocks_1']['mlp']['fc1']['kernel'] = (
       np.zeros((WIDTH, 255), np.float32))
   with pytest.raises(ValueError) as err:
-    convert.check_compatible(expected, loaded, 'my.pth')
+    checkpoint.check_compatible(expected, loaded, 'my.pth')
   assert str(err.value) == (
       'my.pth parameter encoder/transformer/blocks_1/mlp/fc1/kernel has shape '
       '(64, 255), the model expects (64, 256)')
   # With two mismatches, exactly the first (in the model's order) is named.
   loaded['encoder']['cls_token'] = np.zeros((1, 1, 3), np.float32)
   with pytest.raises(ValueError) as err:
-    convert.check_compatible(expected, loaded)
-  first = next(p for p in convert._flatten(nn.meta.unbox(expected))  # pylint: disable=protected-access
+    checkpoint.check_compatible(expected, loaded)
+  first = next(p for p in checkpoint.flatten(nn.meta.unbox(expected))  # pylint: disable=protected-access
                if p in ('encoder/cls_token',
                         'encoder/transformer/blocks_1/mlp/fc1/kernel'))
   assert first in str(err.value)
@@ -366,13 +369,13 @@ def test_check_compatible_reports_missing_and_extra(mae_params):
   del missing['decoder']['norm']['scale']
   with pytest.raises(ValueError, match=r'^checkpoint lacks parameter '
                      r'decoder/norm/scale \(32,\)$'):
-    convert.check_compatible(expected, missing)
+    checkpoint.check_compatible(expected, missing)
   extra = jax.tree.map(lambda x: x, mae_params)
   extra['encoder']['extra'] = {'kernel': np.zeros((2, 2), np.float32)}
   with pytest.raises(ValueError, match=r'^checkpoint has parameter '
                      r'encoder/extra/kernel the model does not have$'):
-    convert.check_compatible(expected, extra)
-  convert.check_compatible(expected, mae_params)  # and the original passes
+    checkpoint.check_compatible(expected, extra)
+  checkpoint.check_compatible(expected, mae_params)  # and the original passes
 
 
 # ------------------------------------------------------------ bad names
@@ -446,19 +449,9 @@ def test_resize_posemb_rejects_non_square_grid():
 
 
 def _write_safetensors(path, tensors):
-  """The safetensors format by hand: u64 header length, JSON header, data."""
-  import json  # pylint: disable=g-import-not-at-top
-  import struct  # pylint: disable=g-import-not-at-top
-  header, blobs, offset = {}, [], 0
-  for name, value in tensors.items():
-    data = np.ascontiguousarray(value, '<f4').tobytes()
-    header[name] = {'dtype': 'F32', 'shape': list(np.shape(value)),
-                    'data_offsets': [offset, offset + len(data)]}
-    blobs.append(data)
-    offset += len(data)
-  text = json.dumps(header).encode()
-  with open(path, 'wb') as f:
-    f.write(struct.pack('<Q', len(text)) + text + b''.join(blobs))
+  safetensors.numpy.save_file(
+      {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+      str(path))
 
 
 def _run_cli(src, out, *extra, capsys=None):
@@ -516,7 +509,7 @@ def test_cli_scan_writes_stacked_blocks(tmp_path, mae_sd):
   out = tmp_path / 'ckpt_scan'
   _run_cli(src, out, '--scan')
   restored = checkpoint.load_params(str(out))
-  convert.check_compatible(mae_shapes(scan=True, posemb='learn'), restored)
+  checkpoint.check_compatible(mae_shapes(scan=True, posemb='learn'), restored)
   assert_trees_equal(
       restored, convert.import_state_dict(mae_sd, HEADS, DEC_HEADS, scan=True))
 
@@ -556,3 +549,187 @@ def test_cli_truncated_torch_file(tmp_path, mae_sd):
     convert.main([str(src), str(tmp_path / 'ckpt'), '--model', 'mu'])
   assert str(err.value).startswith(f'{src}: not a readable checkpoint')
   assert '\n' not in str(err.value)
+
+
+# ------------------------------------------------------------------ export
+
+
+@pytest.fixture(scope='module')
+def sincos_params():
+  """Random params of the tiny MIM model with the fixed sin-cos encoder."""
+  return random_like(mae_shapes(), seed=2)
+
+
+def assert_state_dicts_equal(actual, expected):
+  assert sorted(actual) == sorted(expected)
+  for key, value in expected.items():
+    assert actual[key].dtype == np.float32 and actual[key].flags.c_contiguous
+    np.testing.assert_array_equal(actual[key], value, err_msg=key)
+
+
+def test_export_is_the_hand_written_inverse(mae_params, sincos_params):
+  """export_state_dict gives, bit for bit, what the test's own inverse writes:
+  the official MAE layout, and the HF 5.x ('hf') and 4.x ('hf4') layouts."""
+  sd, left_out = convert.export_state_dict(mae_params, 'mae', SIZE)
+  assert left_out == []
+  assert_state_dicts_equal(sd, to_mae_state_dict(mae_params))
+  for layout, version in (('hf', 5), ('hf4', 4)):
+    sd, _ = convert.export_state_dict(sincos_params, layout, SIZE)
+    assert_state_dicts_equal(
+        sd, to_hf_state_dict(to_mae_state_dict(sincos_params), version))
+  classifier = random_like(classifier_shapes(), seed=3)
+  sd, _ = convert.export_state_dict(classifier, 'mae', SIZE)
+  assert_state_dicts_equal(sd, to_mae_state_dict(classifier))
+  assert {'fc_norm.weight', 'head.weight', 'pos_embed'} <= set(sd)
+
+
+@pytest.mark.parametrize('layout', ['mae', 'hf', 'hf4'])
+def test_import_export_import_is_bit_exact(sincos_params, layout):
+  first = convert.import_state_dict(
+      convert.export_state_dict(sincos_params, layout, SIZE)[0], HEADS,
+      DEC_HEADS)
+  assert_trees_equal(first, sincos_params)
+  exported, _ = convert.export_state_dict(first, layout, SIZE)
+  second = convert.import_state_dict(exported, HEADS, DEC_HEADS)
+  assert_trees_equal(second, first)
+  # ... and export -> import -> export gives back the very same state dict.
+  assert_state_dicts_equal(convert.export_state_dict(second, layout, SIZE)[0],
+                           exported)
+
+
+def test_round_trip_of_official_dicts_and_scanned_blocks(mae_params, mae_sd):
+  # A fine-tuned-style dict (learned pos_embed) and a classifier, unchanged.
+  assert_state_dicts_equal(convert.export_state_dict(
+      convert.import_state_dict(mae_sd, HEADS, DEC_HEADS), 'mae', SIZE)[0],
+                           mae_sd)
+  classifier_sd = to_mae_state_dict(random_like(classifier_shapes(), seed=4))
+  assert_state_dicts_equal(convert.export_state_dict(
+      convert.import_state_dict(classifier_sd, HEADS), 'mae', SIZE)[0],
+                           classifier_sd)
+  # Scanned (stacked) blocks export as the unrolled ones do.
+  assert_state_dicts_equal(
+      convert.export_state_dict(convert.stack_blocks(mae_params), 'mae',
+                                SIZE)[0], mae_sd)
+  # An encoder alone exports alone.
+  encoder_only, _ = convert.export_state_dict(
+      {'encoder': mae_params['encoder']}, 'mae', SIZE)
+  assert_state_dicts_equal(encoder_only, {
+      k: v for k, v in mae_sd.items()
+      if not k.startswith(('decoder', 'mask_token'))})
+
+
+def test_export_leaves_out_other_parts_and_refuses_what_a_layout_lacks(
+    mae_params, sincos_params):
+  extra = dict(mae_params, predictor={'kernel': np.zeros((2, 2), np.float32)})
+  sd, left_out = convert.export_state_dict(extra, 'mae', SIZE)
+  assert left_out == ['predictor'] and not any('predictor' in k for k in sd)
+  with pytest.raises(ValueError, match='learned position embedding.*'
+                     '--layout=mae'):
+    convert.export_state_dict(mae_params, 'hf', SIZE)
+  classifier = random_like(classifier_shapes(), seed=3)
+  with pytest.raises(ValueError, match='holds no classifier'):
+    convert.export_state_dict(classifier, 'hf4', SIZE)
+  odd = jax.tree.map(lambda x: x, sincos_params)
+  odd['encoder']['transformer']['blocks_0']['ls1'] = {
+      'gamma': np.ones(WIDTH, np.float32)}
+  with pytest.raises(ValueError, match=r'encoder/transformer/blocks_0/ls1/'
+                     r'gamma has no name in the mae layout'):
+    convert.export_state_dict(odd, 'mae', SIZE)
+  with pytest.raises(ValueError, match='not a multiple of the patch size'):
+    convert.export_state_dict(sincos_params, 'mae', 30)
+  with pytest.raises(ValueError, match='unknown layout'):
+    convert.export_state_dict(sincos_params, 'keras', SIZE)
+
+
+def _export(src, out, *extra, capsys=None):
+  rc = convert.main(['--export', str(src), str(out), '--model', 'mu',
+                     '--image_size', str(SIZE), *extra])
+  assert rc == 0
+  if capsys is not None:
+    return capsys.readouterr().out
+  return None
+
+
+@pytest.mark.parametrize('layout,version', [('mae', None), ('hf', 5),
+                                            ('hf4', 4)])
+def test_cli_import_export_import_through_files(tmp_path, sincos_params,
+                                                layout, version, capsys):
+  """file -> mimjax-convert -> orbax -> mimjax-convert --export -> file: the
+  same tensors, bit for bit, and the same parameters when imported again."""
+  sd = to_mae_state_dict(sincos_params)
+  if version:
+    sd = to_hf_state_dict(sd, version)
+  src = tmp_path / 'weights.safetensors'
+  _write_safetensors(src, sd)
+  _run_cli(src, tmp_path / 'ckpt', capsys=capsys)
+  printed = _export(tmp_path / 'ckpt', tmp_path / 'out.safetensors',
+                    '--layout', layout, capsys=capsys)
+  assert printed.startswith(f'wrote {tmp_path / "out.safetensors"}: encoder, '
+                            f'decoder in the {layout} layout (')
+  assert not (tmp_path / 'out.safetensors.tmp').exists()
+  exported = torch_io.load_state_dict(tmp_path / 'out.safetensors')
+  assert_state_dicts_equal(exported, sd)
+  assert_trees_equal(convert.import_state_dict(exported, HEADS, DEC_HEADS),
+                     checkpoint.load_params(str(tmp_path / 'ckpt')))
+
+
+def test_cli_export_from_a_training_run(tmp_path, mae_params, capsys):
+  """A run's pre-training checkpoints (a train state, scanned or not) export;
+  an objective's own parameters are named as left out."""
+  run = tmp_path / 'run'
+  params = dict(convert.stack_blocks(mae_params),
+                predictor={'kernel': np.ones((2, 2), np.float32)})
+  ckpts = checkpoint.Checkpoints(str(run / 'pretrain' / 'checkpoints'),
+                                 async_save=False)
+  ckpts.save(7, {'params': params, 'step': np.int32(7)}, {'position': 0})
+  ckpts.close()
+  printed = _export(run, tmp_path / 'mae.safetensors', capsys=capsys)
+  assert printed.rstrip().endswith('; left out: predictor')
+  assert_state_dicts_equal(
+      torch_io.load_state_dict(tmp_path / 'mae.safetensors'),
+      to_mae_state_dict(mae_params))
+
+
+def test_cli_export_refusals(tmp_path, mae_params, sincos_params):
+  ckpt = tmp_path / 'ckpt'
+  checkpoint.save_params(str(ckpt), sincos_params)
+  out = tmp_path / 'out.safetensors'
+  with pytest.raises(ValueError, match='must end in .safetensors'):
+    _export(ckpt, tmp_path / 'out.pth')
+  with pytest.raises(ValueError, match=r'width 64 and depth 2.*--model=B'):
+    convert.main(['--export', str(ckpt), str(out), '--image_size', '32'])
+  assert not out.exists()
+  with pytest.raises(ValueError, match='patch size 4'):
+    _export(ckpt, out, '--patch_size', '16')
+  with pytest.raises(ValueError, match='go with --export'):
+    convert.main([str(ckpt), str(tmp_path / 'x'), '--layout', 'hf'])
+  with pytest.raises(ValueError, match='is a file; --export reads'):
+    _export(tmp_path / 'ckpt' / checkpoint.CHECKSUMS, out)
+  # An existing OUT: refused without --overwrite; with it, only a previous
+  # export is replaced.
+  _export(ckpt, out)
+  with pytest.raises(ValueError, match='exists; choose another name, or '
+                     '--overwrite'):
+    _export(ckpt, out)
+  _export(ckpt, out, '--overwrite')
+  precious = tmp_path / 'precious.safetensors'
+  _write_safetensors(precious, {'w': np.ones(3)})
+  before = precious.read_bytes()
+  with pytest.raises(ValueError, match='not a file mimjax-convert --export '
+                     'wrote'):
+    _export(ckpt, precious, '--overwrite')
+  assert precious.read_bytes() == before
+  learned = tmp_path / 'learned'
+  checkpoint.save_params(str(learned), mae_params)
+  with pytest.raises(ValueError, match='learned position embedding'):
+    _export(learned, tmp_path / 'hf.safetensors', '--layout', 'hf')
+
+
+def test_cli_export_error_is_one_plain_line(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr('sys.argv', ['mimjax-convert', '--export',
+                                   str(tmp_path / 'nothing'),
+                                   str(tmp_path / 'out.safetensors')])
+  assert convert.main() == 1
+  err = capsys.readouterr().err
+  assert err == (f'mimjax-convert: error: checkpoint={tmp_path / "nothing"}: '
+                 'no such file or directory\n')

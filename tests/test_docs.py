@@ -141,8 +141,8 @@ def parameter_counts(config) -> dict[str, int]:
   key = (config.model.to_json(), config.pretrain.decoder.to_json(),
          config.pretrain.data.image_size)
   if key not in _COUNTS:
-    from mimjax.training import trainers  # pylint: disable=g-import-not-at-top
-    model = trainers.make_mim(config)
+    from mimjax import build  # pylint: disable=g-import-not-at-top
+    model = build.mim_model(config)
     size = config.pretrain.data.image_size
     variables = jax.eval_shape(
         lambda rng: model.init({'params': rng, 'mask': rng},

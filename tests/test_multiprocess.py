@@ -42,7 +42,7 @@ def _launch(workdir, data_dir, steps, process_id=None, port=None, extra=()):
                 'MIMJAX_HEARTBEAT_TIMEOUT': '10'})
   cmd = [sys.executable, '-m', 'mimjax.main', f'--workdir={workdir}',
          f'--config={REPO}/tests/tiny_config.py:{data_dir}', *FLAGS,
-         f'--config.pretrain.steps={steps}', *extra]
+         f'--config.pretrain.steps={steps}', '--verbosity=0', *extra]
   return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
@@ -128,16 +128,16 @@ def test_a_worker_that_never_joins_is_one_clear_line(tmp_path, monkeypatch):
 
 
 def test_bad_distributed_environment(monkeypatch):
-  from mimjax import main
+  from mimjax import distributed
   monkeypatch.setenv('MIMJAX_COORDINATOR', 'localhost:1234')
   monkeypatch.setenv('MIMJAX_NUM_PROCESSES', '2')
   monkeypatch.delenv('MIMJAX_PROCESS_ID', raising=False)
   with pytest.raises(ValueError, match='MIMJAX_PROCESS_ID is not'):
-    main.initialize_distributed()
+    distributed.initialize()
   monkeypatch.setenv('MIMJAX_PROCESS_ID', '2')
   with pytest.raises(ValueError, match=r'MIMJAX_PROCESS_ID=2 is not in 0 \.\.\. '
                      r'MIMJAX_NUM_PROCESSES-1 = 1'):
-    main.initialize_distributed()
+    distributed.initialize()
   monkeypatch.setenv('MIMJAX_PROCESS_ID', 'one')
   with pytest.raises(ValueError, match="MIMJAX_PROCESS_ID='one' is not a whole"):
-    main.initialize_distributed()
+    distributed.initialize()

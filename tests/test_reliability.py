@@ -14,6 +14,7 @@ import pytest
 from mimjax import checkpoint, convert, torch_io
 from mimjax import config as config_lib
 from mimjax import main as main_lib
+from mimjax.training import pipeline
 from tiny_config import tiny_config
 
 import test_convert as tc  # the tiny state dict (and its inverse mapping)
@@ -92,7 +93,7 @@ def test_pipeline_refuses_before_anything_is_written(tmp_path, data_dir):
   c = tiny_config(data_dir, mode='pipeline')
   c.finetune.batch_size = 0  # used to be a ZeroDivisionError after pretrain
   with pytest.raises(ValueError, match='finetune.batch_size must be at least'):
-    main_lib.run(c, str(tmp_path / 'run'))
+    pipeline.run(c, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
 
 
@@ -164,7 +165,7 @@ def test_workdir_under_a_file_or_not_writable(tmp_path, data_dir):
   afile.write_text('x')
   with pytest.raises(ValueError, match=r'workdir .*afile/run: .*afile is a '
                      'file, not a directory'):
-    main_lib.run(c, str(afile / 'run'))
+    pipeline.run(c, str(afile / 'run'))
   if os.geteuid() != 0:  # root writes anywhere
     locked = tmp_path / 'locked'
     locked.mkdir()
@@ -296,11 +297,11 @@ def _pretrain_config(data_dir, **overrides):
 def pretrained(tmp_path_factory, data_dir):
   """A pipeline stopped at step 4 of pre-training: checkpoints 2 and 4."""
   root = tmp_path_factory.mktemp('pretrained') / 'run'
-  summaries = main_lib.run(_pretrain_config(data_dir), str(root))
+  summaries = pipeline.run(_pretrain_config(data_dir), str(root))
   # An unfinished stage is nobody's init: the pipeline stops after it.
   assert [s['stage'] for s in summaries] == ['pretrain']
-  assert sorted(os.listdir(root)) == ['config.json', 'pretrain',
-                                      'summary.json']
+  assert sorted(os.listdir(root)) == ['config.json', 'log.txt', 'pretrain',
+                                      'summary.json', 'summary.md']
   return root
 
 
@@ -318,7 +319,7 @@ def test_stage_resumes_only_with_its_own_settings(tmp_path, data_dir,
   changed = _pretrain_config(data_dir, **{'pretrain.mask_ratio': 0.5,
                                           'pretrain.base_lr': 1e-3})
   with pytest.raises(ValueError) as error:
-    main_lib.run(changed, str(run))
+    pipeline.run(changed, str(run))
   assert _one_line(error) == (
       f'pretrain: the checkpoints in {_ckpts(run)} were written with other '
       'settings: pretrain.base_lr 0.002 -> 0.001; pretrain.mask_ratio 0.75 '
@@ -328,13 +329,13 @@ def test_stage_resumes_only_with_its_own_settings(tmp_path, data_dir,
                                         'pretrain.mask': 'complementary'})
   with pytest.raises(ValueError, match=r"pretrain.mask 'random' -> "
                      r"'complementary'; pretrain.objective 'mae' -> 'rmae'"):
-    main_lib.run(other, str(run))
+    pipeline.run(other, str(run))
   shorter = _pretrain_config(data_dir, **{'pretrain.steps': 3})
   with pytest.raises(ValueError, match=r'pretrain.steps 6 -> 3'):
-    main_lib.run(shorter, str(run))
+    pipeline.run(shorter, str(run))
   # Nothing was written by the refused calls.
-  assert sorted(os.listdir(run)) == ['config.json', 'pretrain',
-                                     'summary.json']
+  assert sorted(os.listdir(run)) == ['config.json', 'log.txt', 'pretrain',
+                                     'summary.json', 'summary.md']
 
 
 def test_damaged_latest_checkpoint_falls_back(tmp_path, data_dir, pretrained,
@@ -350,7 +351,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, data_dir, pretrained,
   resumed = _pretrain_config(data_dir, log_every=1, checkpoint_every=1,
                              keep_checkpoints=4, stop_at_step=5)
   caplog.set_level('INFO')
-  main_lib.run(resumed, str(run))
+  pipeline.run(resumed, str(run))
   log = caplog.text
   assert 'checkpoint step 4 in' in log and 'is damaged' in log, log
   assert 'resuming from step 2, the newest checkpoint' in log, log
@@ -376,7 +377,7 @@ def test_no_checkpoint_verifies_is_one_line(tmp_path, data_dir, pretrained):
   _flip_a_byte(_ckpts(run) / '4')
   os.remove(_ckpts(run) / '2' / 'state' / '_METADATA')
   with pytest.raises(ValueError) as error:
-    main_lib.run(_pretrain_config(data_dir), str(run))
+    pipeline.run(_pretrain_config(data_dir), str(run))
   message = _one_line(error)
   assert message.startswith(f'no checkpoint in {_ckpts(run)} verifies: step '
                             '4 (')
@@ -390,7 +391,7 @@ def test_overwrite_moves_the_old_stage_aside(tmp_path, data_dir, pretrained):
   c = _pretrain_config(data_dir, **{'pretrain.mask_ratio': 0.5,
                                     'pretrain.steps': 2, 'stop_at_step': 0,
                                     'mode': 'pretrain', 'overwrite': True})
-  main_lib.run(c, str(run))
+  pipeline.run(c, str(run))
   assert sorted(os.listdir(run / 'pretrain.old-1' / 'checkpoints')) == [
       '2', '4', 'fingerprint.json']
   assert checkpoint.latest_step(_ckpts(run)) == 2
@@ -405,22 +406,22 @@ def test_init_change_is_named(tmp_path, data_dir):
   b = _fake_run(tmp_path / 'b', stages=('pretrain',))
   c = tiny_config(data_dir, mode='finetune')
   stage = tmp_path / 'run' / 'finetune'
-  main_lib.guard_stage(c, str(stage), 'finetune', str(a / 'pretrain' /
+  pipeline.guard_stage(c, str(stage), 'finetune', str(a / 'pretrain' /
                                                       'checkpoints'))
   os.makedirs(stage / 'checkpoints' / '20')  # it trained
-  main_lib.guard_stage(c, str(stage), 'finetune', str(a / 'pretrain' /
+  pipeline.guard_stage(c, str(stage), 'finetune', str(a / 'pretrain' /
                                                       'checkpoints'))
   with pytest.raises(ValueError, match=r"init_from '.*/a/pretrain/checkpoints'"
                      r" -> '.*/b/pretrain/checkpoints'"):
-    main_lib.guard_stage(c, str(stage), 'finetune',
+    pipeline.guard_stage(c, str(stage), 'finetune',
                          str(b / 'pretrain' / 'checkpoints'))
   os.makedirs(a / 'pretrain' / 'checkpoints' / '80')  # trained on
   with pytest.raises(ValueError, match=r'init_step 40 -> 80'):
-    main_lib.guard_stage(c, str(stage), 'finetune',
+    pipeline.guard_stage(c, str(stage), 'finetune',
                          str(a / 'pretrain' / 'checkpoints'))
   c.finetune.eval_every = 7  # allowed
   c.finetune.steps = 500
-  main_lib.guard_stage(c, str(stage), 'finetune', str(a / 'pretrain' /
+  pipeline.guard_stage(c, str(stage), 'finetune', str(a / 'pretrain' /
                                                       'checkpoints'),
                        partial=True)  # the init is made in this call
 
@@ -432,4 +433,4 @@ def test_nan_before_any_checkpoint_says_so(tmp_path, data_dir):
   c.update(dict(log_every=1, checkpoint_every=100))
   with pytest.raises(loop.NonFiniteError, match=r'last good checkpoint: no '
                      r'checkpoint yet in .*pretrain/checkpoints$'):
-    main_lib.run(c, str(tmp_path))
+    pipeline.run(c, str(tmp_path))

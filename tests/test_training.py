@@ -13,7 +13,8 @@ import pytest
 
 from mimjax import checkpoint
 from mimjax import config as config_lib
-from mimjax import main as main_lib
+from mimjax.training import pipeline
+from mimjax.training import trainers
 from tiny_config import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def test_pipeline_end_to_end(tmp_path, data_dir):
   c = tiny_config(data_dir, mode='pipeline')
   c.finetune.scratch_baseline = True
   c.pretrain.knn_every = c.pretrain.recon_every = 20
-  summaries = main_lib.run(c, str(tmp_path))
+  summaries = pipeline.run(c, str(tmp_path))
   pre, fine, scratch, probe, *analyzed = summaries
   assert pre['stage'] == 'pretrain' and pre['knn_top1'] > 20.0
   assert pre['loss'] < 0.8 * pre['loss_first'], pre
@@ -65,10 +66,9 @@ def test_pipeline_end_to_end(tmp_path, data_dir):
 
 
 def test_finetune_loads_pretrained_encoder(tmp_path, data_dir):
-  from mimjax.training import trainers  # pylint: disable=g-import-not-at-top
   c = tiny_config(data_dir, mode='pretrain')
   c.pretrain.steps = 2
-  main_lib.run(c, str(tmp_path))
+  pipeline.run(c, str(tmp_path))
   pre = checkpoint.load_state_params(str(tmp_path / 'pretrain' / 'checkpoints'))
   c.finetune.steps = 1
   c.finetune.base_lr = 0.0
@@ -96,6 +96,19 @@ def test_exact_resume_after_sigkill(tmp_path, data_dir):
            '--config.checkpoint_every=4', '--config.keep_checkpoints=50']
   straight = _run_cli(tmp_path / 'straight', data_dir, steps)
   assert straight.returncode == 0, straight.stderr[-2000:]
+  # A quiet console: the stage, its progress and the table; the library
+  # logs in log.txt, the parameter table in a file.
+  shown = straight.stdout + straight.stderr
+  assert 'pretrain: steps 1-60 of 60 on digits' in straight.stdout
+  assert 'pretrain step 60/60  loss' in straight.stdout
+  assert 'TensorBoard: tensorboard --logdir' in straight.stdout
+  assert 'orbax' not in shown and 'Saving checkpoint' not in shown
+  assert len(shown.splitlines()) < 30, shown
+  assert 'Saving checkpoint' in (tmp_path / 'straight' / 'log.txt').read_text()
+  assert 'encoder/' in (tmp_path / 'straight' / 'pretrain' /
+                        'parameters.txt').read_text()
+  assert (tmp_path / 'straight' / 'summary.md').read_text().startswith(
+      '| stage |')
 
   ckpts = tmp_path / 'killed' / 'pretrain' / 'checkpoints'
   proc = _run_cli(tmp_path / 'killed', data_dir, steps, wait=False)
@@ -109,7 +122,7 @@ def test_exact_resume_after_sigkill(tmp_path, data_dir):
   assert killed_at < 60, 'the run finished before it could be killed'
   resumed = _run_cli(tmp_path / 'killed', data_dir, steps)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert 'resumed from step' in resumed.stderr
+  assert 'of 60 (resumed)' in resumed.stdout
 
   a = checkpoint.load_state_params(
       str(tmp_path / 'straight' / 'pretrain' / 'checkpoints'), step=60)
@@ -144,7 +157,7 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path,
   c.checkpoint_every = 1
   with pytest.raises(loop.NonFiniteError, match=r'non-finite .* at step \d+; '
                      r'last finite metrics .*last good checkpoint: step \d+'):
-    main_lib.run(c, str(tmp_path))
+    pipeline.run(c, str(tmp_path))
   ckpts = str(tmp_path / 'pretrain' / 'checkpoints')
   params = checkpoint.load_state_params(ckpts)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
@@ -186,7 +199,7 @@ def test_bad_config_fails_before_anything_runs(tmp_path, data_dir):
   c = tiny_config(data_dir)
   c.pretrain.mask_ratio = 0.0
   with pytest.raises(ValueError, match=r'mask ratio must be in \(0, 1\)'):
-    main_lib.run(c, str(tmp_path))
+    pipeline.run(c, str(tmp_path))
   assert not os.path.exists(tmp_path / 'pretrain')
 
 
@@ -197,13 +210,23 @@ def test_unknown_config_key_is_one_clear_line(tmp_path, data_dir):
 
 
 def test_checkpoint_of_another_architecture_is_named(tmp_path, data_dir):
-  from mimjax.training import trainers  # pylint: disable=g-import-not-at-top
   c = tiny_config(data_dir, mode='pretrain')
   c.pretrain.steps = 1
-  main_lib.run(c, str(tmp_path))
+  pipeline.run(c, str(tmp_path))
   c.model.size = 'nano'
   with pytest.raises(ValueError, match=r'pre-trained encoder .* parameter '
                      r'cls_token has shape \(1, 1, 64\), the model expects '
                      r'\(1, 1, 128\)'):
     trainers.finetune(c, str(tmp_path / 'ft'),
                       str(tmp_path / 'pretrain' / 'checkpoints'))
+
+
+def test_logged_lr_counts_optimizer_updates():
+  """With accumulate=4 the schedule advances once per 4 training steps, and
+  the logged learning rate is the one in effect at that step."""
+  c = config_lib.base_config().pretrain
+  c.batch_size = 256
+  schedule, lr_at = trainers.schedule_for(c, total=40, warmup=8, accumulate=4)
+  assert [lr_at(s) for s in (1, 4, 5, 8, 9, 40)] == [
+      float(schedule(u)) for u in (0, 0, 1, 1, 2, 9)]
+  assert lr_at(5) != float(schedule(4))  # not the micro-step count

@@ -8,9 +8,10 @@ from etils import epath
 import numpy as np
 
 from mimjax.models import vit
+from mimjax.views import IMAGENET_MEAN, IMAGENET_STD
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+MEAN = np.array(IMAGENET_MEAN, np.float32)
+STD = np.array(IMAGENET_STD, np.float32)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

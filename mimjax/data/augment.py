@@ -3,6 +3,10 @@
 Every random TF op here is stateless and takes a `seed` tensor of shape [2],
 so an augmented image is a pure function of (image, seed). Images are (H, W, C)
 with values in [0, 255]; float32 unless said otherwise.
+
+Why this module is long: RandAugment's fifteen ops are Pillow-exact ports
+(timm applies them through Pillow), next to the crops, erasing and mixup
+that share their stateless-seed convention.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import tensorflow as tf
 
-MEAN_RGB = (0.485, 0.456, 0.406)
-STD_RGB = (0.229, 0.224, 0.225)
+from mimjax.views import IMAGENET_MEAN, IMAGENET_STD
+
+MEAN_RGB, STD_RGB = IMAGENET_MEAN, IMAGENET_STD
 # timm's `img_mean` hparam (create_transform): RandAugment's geometric fill.
 FILL_RGB = tuple(min(255, round(255 * m)) for m in MEAN_RGB)  # (124, 116, 104)
 

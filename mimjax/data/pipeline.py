@@ -13,6 +13,10 @@ or corrupt files are skipped rather than fatal: a warning gives their count and
 the first few paths, and `folder_info(...).num_skipped` exposes the count. Only
 when no readable image remains is it an error. PIL's check reads headers, so a
 file truncated after a valid header still passes it.
+
+Why this module is long: it is the one path from every source (tfds, an
+image folder, one photo) to resumable per-process batches; split, the
+resumability argument above would be spread over several files.
 """
 
 from __future__ import annotations
@@ -182,10 +186,10 @@ def _builder(config):
   """The tfds builder for `config.name`, prepared if it is an offline one."""
   if config.name == 'one_image':
     builder = builders.one_image_builder(
-        config.get('one_image_path', ''), config.data_dir)
+        config.one_image_path, config.data_dir)
   else:
     builder = tfds.builder(config.name, data_dir=config.data_dir)
-  if (config.name in OFFLINE and config.get('prepare', True)
+  if (config.name in OFFLINE and config.prepare
       and not builder.is_prepared()):
     builder.download_and_prepare()
   return builder
@@ -270,16 +274,16 @@ def _train_image(image, seed, mode: str, config):
   if mode == 'none':
     return _eval_image(image, size)
   s_crop, s_flip, s_aug, s_erase = tf.unstack(augment.split_seed(seed, 4))
-  scale = (config.get('min_scale') or (0.2 if mode == 'pretrain' else 0.08),
+  scale = (config.min_scale or (0.2 if mode == 'pretrain' else 0.08),
            1.0)
   image = augment.to_rgb(image)
   image = augment.random_resized_crop(image, s_crop, size, scale=scale)
-  if config.get('flip', True):
+  if config.flip:
     image = augment.flip(image, s_flip)
-  if mode == 'finetune' and config.get('randaug', True):
+  if mode == 'finetune' and config.randaug:
     image = augment.rand_augment(image, s_aug)
   image = augment.normalize(tf.reshape(image, [size, size, 3]))
-  erase_prob = config.get('erase_prob', 0.25)
+  erase_prob = config.erase_prob
   if mode == 'finetune' and erase_prob > 0:
     image = augment.random_erasing(image, s_erase, prob=erase_prob)
   return image
@@ -288,7 +292,7 @@ def _train_image(image, seed, mode: str, config):
 def _options(config) -> tuple[tf.data.Options, int]:
   options = tf.data.Options()
   options.deterministic = True
-  parallel = config.get('num_parallel', -1)
+  parallel = config.num_parallel
   return options, tf.data.AUTOTUNE if parallel in (-1, None) else parallel
 
 
@@ -337,7 +341,7 @@ def train_batches(config, mode: str, global_batch: int, seed: int,
     ds = tf.data.Dataset.counter(start).map(
         lambda pos: (global_position(pos), one))
   else:
-    buffer = config.get('shuffle_buffer', 10_000)
+    buffer = config.shuffle_buffer
     if src.size > 0:
       buffer = min(buffer, src.size)
     if _folder_root(config.name) is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mimjax.models import vit
@@ -60,3 +61,15 @@ class LinearProbe(nn.Module):
         self.num_classes, name='head',
         kernel_init=nn.initializers.truncated_normal(self.head_init_std),
     )(x)
+
+
+class ProbedEncoder(nn.Module):
+  """Frozen encoder (cls token after the final norm) -> `LinearProbe`."""
+  encoder: vit.Encoder
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    features = self.encoder(images)['tokens'][:, 0]
+    return LinearProbe(self.num_classes, name='probe')(
+        jax.lax.stop_gradient(features), train=train)

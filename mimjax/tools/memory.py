@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimjax import build
 from mimjax import config as config_lib
 from mimjax import sharding
 from mimjax.training import state as state_lib
@@ -33,7 +34,7 @@ def compile_step(config, stage: str = 'pretrain', num_classes: int = 1000):
   """The stage's train step compiled ahead of time, its abstract state and
   its mesh."""
   config_lib.validate(config, *sharding.topology())
-  mesh, rules = trainers.setup(config)
+  mesh, rules = build.setup(config)
   if stage == 'pretrain':
     recipe = trainers.pretrain_recipe(config, mesh, num_train=10**9)
     batch_size = config.pretrain.batch_size

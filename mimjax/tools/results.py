@@ -61,6 +61,10 @@ def recipe(variant: str, seed: int, quick: bool, mode: str = 'pipeline'):
   c.finetune.scratch_baseline = False
   c.finetune.scratch_layer_decay = 0.0
   c.pretrain.recon_every = 0
+  # Two thirds of the demo's pre-training and half its probe, so that three
+  # seeds of everything fit in about 90 minutes on 2 cores.
+  c.pretrain.epochs, c.pretrain.warmup_epochs = 20, 3
+  c.linprobe.epochs, c.linprobe.warmup_epochs = 10, 1
   if quick:
     c.pretrain.epochs, c.pretrain.warmup_epochs = 6, 1
     c.finetune.epochs, c.finetune.warmup_epochs = 3, 1
@@ -75,8 +79,9 @@ def one_image_recipe(photo: str, seed: int, quick: bool):
   ref = one_image.get_config('digits')
   c.pretrain.data = ref.pretrain.data
   c.pretrain.data.one_image_path = photo_path(photo)
-  c.pretrain.steps = ref.pretrain.steps // (5 if quick else 1)
-  c.pretrain.warmup_steps = ref.pretrain.warmup_steps // (5 if quick else 1)
+  # As many steps as the digits pre-training above.
+  c.pretrain.steps = ref.pretrain.steps * 2 // (15 if quick else 3)
+  c.pretrain.warmup_steps = ref.pretrain.warmup_steps * 2 // (15 if quick else 3)
   c.linprobe.enabled = False
   return c
 
@@ -90,7 +95,7 @@ class Runs:
     self.seconds = 0.0  # of every run, also those done by an earlier call
 
   def __call__(self, name: str, config) -> dict:
-    from mimjax import main  # pylint: disable=g-import-not-at-top
+    from mimjax.training import pipeline  # pylint: disable=g-import-not-at-top
     where = os.path.join(self.workdir, name)
     done = os.path.join(where, 'summary.json')
     elapsed = os.path.join(where, 'elapsed_seconds')
@@ -98,7 +103,7 @@ class Runs:
       minutes = (time.time() - self.started) / 60
       print(f'[{minutes:5.1f} min] {name}', flush=True)
       started = time.time()
-      main.run(config, where)
+      pipeline.run(config, where)
       with open(elapsed, 'w') as f:
         f.write(f'{time.time() - started:.1f}')
     if os.path.exists(elapsed):

@@ -205,6 +205,19 @@ def claims(t) -> list[tuple[str, str, str]]:
   return out
 
 
+def centred_note(t) -> str:
+  """A word on negative centred cosines, when every encoder has one."""
+  values = [r['inv_cos'][0] for r in t['variants'].values()
+            if r['inv_cos'][2]] + [t['scratch']['inv_cos'][0]]
+  if not values or max(values) >= 0:
+    return ''
+  return (' Every centred cosine is negative: the two views split each '
+          "image's patches between them, so once the mean over images is "
+          'removed, what one view\'s pooled feature has more of, the '
+          'other\'s tends to have less; CKA, which ignores the sign of a '
+          'linear relation, is the measure to compare here.')
+
+
 def markdown(res: dict, t: dict, seeds: int, quick: bool, command: str,
              setup: str) -> str:
   v, s = t['variants'], t['scratch']
@@ -243,7 +256,7 @@ def markdown(res: dict, t: dict, seeds: int, quick: bool, command: str,
       '',
       f"Occlusion invariance: {t['examples']} digits test images, two "
       'complementary masked views (ratio 0.5), CKA estimator '
-      f"`{t['estimator']}`.",
+      f"`{t['estimator']}`." + centred_note(t),
       '',
       '![occlusion invariance](results/occlusion_invariance.png)',
       '',

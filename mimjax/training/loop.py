@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import sys
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,17 +28,21 @@ def _scalars(metrics) -> dict[str, float]:
 
 def train_loop(*, name: str, workdir: str, state, shardings, train_step,
                batches: Callable[[int], Iterator[dict]], total_steps: int,
-               mesh, lr_schedule=None, eval_fn=None, eval_every: int = 0,
-               log_every: int = 50, checkpoint_every: int = 1000,
-               keep_checkpoints: int = 3, score_key: str | None = None,
-               on_eval: Callable | None = None, meta: dict | None = None,
-               stop_at_step: int = 0):
+               mesh, lr_at: Callable[[int], float] | None = None,
+               evaluators: Sequence = (), log_every: int = 50,
+               checkpoint_every: int = 1000, keep_checkpoints: int = 3,
+               score_key: str | None = None, meta: dict | None = None,
+               stop_at_step: int = 0, about: str = ''):
   """Runs (or resumes) `total_steps` steps; returns (state, summary dict).
 
   `batches(start_step)` yields this process's rows of each global batch from
-  `start_step` on; `eval_fn(state) -> dict` runs every `eval_every` steps
-  and at the end. Checkpoints keep the last `keep_checkpoints` (and the best
-  by `score_key`). A non-finite step leaves the state unchanged and stops
+  `start_step` on. Each of `evaluators` (mimjax/evaluators.py) runs every
+  `evaluator.every` steps and at the last step; its scalars are logged and
+  kept in the summary. `lr_at(step)` is the learning rate logged at a step.
+  Checkpoints keep the last `keep_checkpoints` (and the best by
+  `score_key`). The console (process 0) gets one line for the stage
+  (`about`: what it trains on), its progress, and its evaluations; the
+  parameter table goes to `<workdir>/parameters.txt`. A non-finite step leaves the state unchanged and stops
   the run at the next check with the step and the last finite metrics.
   `stop_at_step` > 0 ends this invocation there, checkpointed, to be resumed
   (e.g. within a scheduler's time limit).
@@ -52,13 +58,14 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
   # The newest checkpoint whose checksums verify; damaged ones are moved
   # aside (checkpoint.Checkpoints.restore_latest).
   start, restored, _ = ckpts.restore_latest(
-      checkpoint.abstract_like(state, shardings))
+      sharding.shaped(state, shardings))
   start = start or 0
   if start:
     state = restored
     logging.info('%s: resumed from step %d in %s', name, start, workdir)
-  else:
-    parameter_overview.log_parameter_overview(state.params)
+  elif jax.process_index() == 0:
+    (out / 'parameters.txt').write_text(
+        parameter_overview.get_parameter_overview(state.params) + '\n')
   progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer, every_steps=log_every)
   summary = {'stage': name, 'steps': total_steps}
@@ -78,6 +85,11 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
     summary.setdefault('loss_first', last_finite.get('loss'))
 
   end = min(total_steps, stop_at_step) if stop_at_step else total_steps
+  console = Console(name, total_steps, start)
+  if start < end:
+    console.say(f'{name}: steps {start + 1}-{end} of {total_steps}'
+                f'{" (resumed)" if start else ""}{about}, mesh '
+                f'{dict(mesh.shape)}')
   for step in range(start + 1, end + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       batch = sharding.global_batch(next(data), mesh)
@@ -90,22 +102,29 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
       metrics = jax.device_get(metrics)
       check(step, metrics)
       scalars = _scalars(metrics)
-      if lr_schedule is not None:
-        scalars['lr'] = float(lr_schedule(step - 1))
+      if lr_at is not None:
+        scalars['lr'] = lr_at(step)
       writer.write_scalars(step, scalars)
-    if eval_fn is not None and (is_last or (eval_every and
-                                            step % eval_every == 0)):
-      results = eval_fn(state)
+      if step % log_every == 0 or step == end:
+        console.progress(step, end, scalars['loss'],
+                         batch['image'].shape[0])
+    due = [e for e in evaluators
+           if is_last or (e.every and step % e.every == 0)]
+    results = {}
+    for evaluator in due:
+      results.update(evaluator.run(step, state, writer))
+    if results:
       writer.write_scalars(step, results)
-      logging.info('%s step %d eval: %s', name, step, results)
+      console.say(f'{name} step {step}: ' + ', '.join(
+          f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
+          for k, v in results.items()))
       summary.update(results)
-      if score_key is not None:
+      if score_key in results:
         ckpts.save_best(step, state, results[score_key])
-      if on_eval is not None:
-        on_eval(step, state, writer)
     if step % checkpoint_every == 0 or step == end:
       ckpts.save(step, state, {'step': step, 'data_position': step,
                                **(meta or {})}, force=step == end)
+  console.done()
   ckpts.close()
   writer.flush()
   if start < total_steps:
@@ -116,3 +135,45 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
   elif (out / 'summary.json').exists():
     summary = json.loads((out / 'summary.json').read_text())
   return state, summary
+
+
+class Console:
+  """What a person sees of a stage (process 0): a progress line with step,
+  loss, img/s and ETA, rewritten in place on a terminal and printed at
+  every log step otherwise, and one line per evaluation."""
+
+  def __init__(self, name: str, total: int, start: int):
+    self.name, self.total = name, total
+    self.quiet = jax.process_index() > 0
+    self.tty = sys.stdout.isatty()
+    self.mark = (start, time.time())
+    self.timed = False  # the first interval includes the compilation
+    self.open = False
+
+  def say(self, line: str):
+    if not self.quiet:
+      self.done()
+      print(line, flush=True)
+    self.mark = (self.mark[0], time.time())  # evaluations are not steps
+
+  def progress(self, step: int, end: int, loss: float, global_batch: int):
+    (last_step, last_time), now = self.mark, time.time()
+    timed, self.timed = self.timed, True
+    self.mark = (step, now)
+    if self.quiet or step == last_step:
+      return
+    line = f'{self.name} step {step}/{self.total}  loss {loss:.4f}'
+    if timed:
+      per_step = (now - last_time) / (step - last_step)
+      eta = datetime.timedelta(seconds=round(per_step * (end - step)))
+      line += f'  {global_batch / per_step:.1f} img/s  ETA {eta}'
+    if self.tty:
+      print('\r' + line.ljust(78), end='', flush=True)
+      self.open = True
+    else:
+      print(line, flush=True)
+
+  def done(self):
+    if self.open:
+      print(flush=True)
+      self.open = False

@@ -44,10 +44,7 @@ def abstract(init_variables, tx, seed: int, mesh, rules):
     boxed = jax.eval_shape(_init_fn(init_variables, tx, seed),
                            jax.random.key(seed))
     shardings = sharding.tree_shardings(boxed, mesh, rules)
-  shapes = nn.meta.unbox(boxed)
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      shapes, shardings), shardings
+  return sharding.shaped(nn.meta.unbox(boxed), shardings), shardings
 
 
 def create(init_variables: Callable[[jax.Array], dict],

@@ -1,0 +1,39 @@
+"""The one loop over an eval split, as global batches on a mesh, that the
+evaluators and the analyses share."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from mimjax import data as data_lib
+from mimjax import sharding
+
+
+def eval_stream(data_cfg, batch_size: int, mesh, split: str | None = None,
+                limit: int | None = None) -> Iterator[tuple[int, dict,
+                                                            np.ndarray]]:
+  """The eval split (or `split`) once, as global batches on `mesh`: yields
+  (first row, batch, valid), `valid` the host copy of the global batch's
+  real-example flags. Stops after `limit` real examples."""
+  if split is not None:
+    data_cfg = data_cfg.copy_and_resolve_references()
+    data_cfg.eval_split = split
+  seen = 0
+  for i, batch in enumerate(data_lib.eval_batches(data_cfg, batch_size)):
+    g = sharding.global_batch(batch, mesh)
+    valid = np.asarray(multihost_utils.process_allgather(g['valid'],
+                                                         tiled=True))
+    yield i * batch_size, g, valid
+    seen += int(valid.sum())
+    if limit is not None and seen >= limit:
+      return
+
+
+def gathered(x) -> np.ndarray:
+  """A global array (or tree of them) as host numpy, from every process."""
+  return jax.tree.map(np.asarray,
+                      multihost_utils.process_allgather(x, tiled=True))

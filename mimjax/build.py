@@ -1,0 +1,55 @@
+"""Models, mask functions and meshes built from a config (configs/, config.py).
+
+The registries stay next to what they name: masks in `masking`, views in
+`views`, objectives in `objectives`; this module only reads a config.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from mimjax import masking, mim, objectives, sharding, views
+from mimjax.models import Classifier, Decoder, Encoder, ProbedEncoder, vit
+
+
+def setup(config):
+  """The mesh and logical-axis rules a config asks for."""
+  return sharding.config_mesh(config), sharding.rules_from(
+      config.sharding_rules)
+
+
+def encoder(model_cfg, **overrides) -> Encoder:
+  return Encoder(patch_size=model_cfg.patch_size, **vit.preset(model_cfg.size),
+                 norm_eps=model_cfg.norm_eps, scan=model_cfg.scan,
+                 remat=model_cfg.remat, dtype=jnp.dtype(model_cfg.dtype),
+                 **overrides)
+
+
+def grid(config, image_size: int) -> tuple[int, int]:
+  return (image_size // config.model.patch_size,) * 2
+
+
+def mim_model(config) -> mim.MIM:
+  """The pre-training model: encoder, decoder, views, masks and loss."""
+  c = config.pretrain
+  dec = c.decoder
+  decoder = Decoder(out_dim=dec.out_dim or config.model.patch_size**2 * 3,
+                    width=dec.width, depth=dec.depth, num_heads=dec.num_heads,
+                    norm_eps=config.model.norm_eps, scan=config.model.scan,
+                    remat=config.model.remat,
+                    dtype=jnp.dtype(config.model.dtype))
+  view_kwargs = c.view_kwargs.to_dict()
+  mask_fn = masking.get(c.mask, c.mask_ratio, grid(config, c.data.image_size),
+                        view_kwargs.get('num_views', 2))
+  return mim.MIM(encoder(config.model), decoder, mask_fn,
+                 objectives.get(c.objective, **c.objective_kwargs.to_dict()),
+                 views.get(c.views, **view_kwargs))
+
+
+def classifier(config, num_classes: int, drop_path: float = 0.0) -> Classifier:
+  return Classifier(encoder(config.model, posemb='learn', drop_path=drop_path),
+                    num_classes, pool=config.finetune.pool)
+
+
+def probe(config, num_classes: int) -> ProbedEncoder:
+  return ProbedEncoder(encoder(config.model), num_classes)
