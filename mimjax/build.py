@@ -38,12 +38,14 @@ def mim_model(config) -> mim.MIM:
                     norm_eps=config.model.norm_eps, scan=config.model.scan,
                     remat=config.model.remat,
                     dtype=jnp.dtype(config.model.dtype))
-  view_kwargs = c.view_kwargs.to_dict()
+  view_fn = views.get(c.views, **c.view_kwargs.to_dict())
+  # Masks for every crop; without crops, two-view masks give two.
+  num_views = views.layout(view_fn)[0] if view_fn else 2
   mask_fn = masking.get(c.mask, c.mask_ratio, grid(config, c.data.image_size),
-                        view_kwargs.get('num_views', 2))
+                        num_views)
   return mim.MIM(encoder(config.model), decoder, mask_fn,
                  objectives.get(c.objective, **c.objective_kwargs.to_dict()),
-                 views.get(c.views, **view_kwargs))
+                 view_fn)
 
 
 def classifier(config, num_classes: int, drop_path: float = 0.0) -> Classifier:

@@ -350,15 +350,12 @@ POSITIONAL = ('mae', 'siamese', 'rmae')  # compare pixels patch by patch
 def check_transform(c: mlc.ConfigDict):
   """Refuses a (views, mask, objective) triple that makes no sense, naming
   why (docs/objectives.md, "The transform x similarity matrix")."""
-  views.get(c.views, **c.view_kwargs.to_dict())  # unknown names and knobs
+  view_fn = views.get(c.views, **c.view_kwargs.to_dict())
   if c.mask not in masking.NUM_VIEWS:
     raise ValueError(f'unknown pretrain.mask {c.mask!r}; known: '
                      f'{sorted(masking.NUM_VIEWS)}')
-  crops = c.views == 'crops'
-  kw = c.view_kwargs
-  aligned = not crops or (tuple(kw.get('scale', (0.08, 1.0))) == (1.0, 1.0)
-                          and not kw.get('flip', True))
-  num_views = (kw.get('num_views', 2) if crops else 1)
+  crops = view_fn is not None
+  num_views, aligned = views.layout(view_fn)
   masks = masking.NUM_VIEWS[c.mask] or (num_views if crops else 2)
   what = f'pretrain.views={c.views!r} with pretrain.mask={c.mask!r}'
   if c.mask == 'none' and not crops:

@@ -170,7 +170,14 @@ def crops(num_views: int = 2, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
       imgs, boxes, flipped = jax.vmap(one)(keys, images)
       out.append(View(imgs.astype(images.dtype), boxes, flipped, aligned))
     return tuple(out)
+  view_fn.num_views, view_fn.aligned = num_views, aligned
   return view_fn
+
+
+def layout(view_fn: ViewFn | None) -> tuple[int, bool]:
+  """(how many views `view_fn` gives, whether they are aligned); a view
+  function without these attributes counts as one aligned view."""
+  return (getattr(view_fn, 'num_views', 1), getattr(view_fn, 'aligned', True))
 
 
 REGISTRY = {'crops': crops}

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from mimjax import checkpoint, convert, torch_io
+from mimjax import build, checkpoint, convert, torch_io
 from mimjax.models import vit
 
 # The official MAE decoders have 16 heads; only the encoder is used here.
@@ -66,7 +66,6 @@ def merge_encoder(abstract_encoder, pretrained: dict, grid, source: str):
 
 def pretrained_encoder(abstract_params, path: str, config, image_size: int):
   """`{'encoder': ...}` from `path`, to override a model's initial encoder."""
-  grid = (image_size // config.model.patch_size,) * 2
   return {'encoder': merge_encoder(abstract_params['encoder'],
-                                   load_pretrained(path, config.model), grid,
-                                   path)}
+                                   load_pretrained(path, config.model),
+                                   build.grid(config, image_size), path)}

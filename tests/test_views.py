@@ -107,16 +107,26 @@ def _loss(view_fn, mask_fn, loss_fn):
   return jax.jit(f, compiler_options=FAST)
 
 
+def explicit_identity(rng, images):
+  del rng
+  return (views.identity_view(images),)
+
+
 def test_identity_views_are_mae_bit_for_bit(images):
+  """The view path (views drawn, paired with masks, targets from each
+  view's own image) with an identity view gives MAE's numbers exactly."""
   mae = objectives.mae()
   mask_fn = masking.random(0.75)
+  assert mim.build(ENC, mask_fn, mae, **DEC_KW).view_fn is None
+  assert views.get('identity') is None
   plain, aux = _loss(None, mask_fn, mae)(images)
-  model = mim.build(ENC, mask_fn, mae, **DEC_KW)
-  assert model.view_fn is None  # the default is the identity
-  same, aux_same = _loss(views.get('identity'), mask_fn, mae)(images)
+  same, aux_same = _loss(explicit_identity, mask_fn, mae)(images)
   assert float(plain) == float(same)
   np.testing.assert_array_equal(np.asarray(aux['pred']),
                                 np.asarray(aux_same['pred']))
+  # A view function does change the numbers (the test can see one).
+  other, _ = _loss(views.crops(num_views=1), mask_fn, mae)(images)
+  assert float(other) != float(plain)
 
 
 def test_crop_plus_mask_composes(images):
@@ -181,6 +191,15 @@ def test_meaningless_pairs_refused(views_name, mask, objective, kwargs, why):
     config_lib.check_transform(_pretrain(views=views_name, mask=mask,
                                          objective=objective,
                                          objective_kwargs=kwargs))
+
+
+def test_layout_is_what_the_view_function_gives(images):
+  for fn in (views.crops(), views.crops(num_views=3, scale=(1.0, 1.0),
+                                        flip=False)):
+    num, aligned = views.layout(fn)
+    got = fn(jax.random.key(0), images)
+    assert len(got) == num and all(v.aligned == aligned for v in got)
+  assert views.layout(None) == (1, True)
 
 
 def test_colour_only_views_allow_patch_objectives():

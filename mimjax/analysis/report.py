@@ -231,7 +231,7 @@ def run(config, workdir: str, encoders: dict[str, str]) -> list[dict]:
   """Runs both analyses; returns one summary row per encoder."""
   mesh, rules = build.setup(config)
   encoder = build.encoder(config.model)
-  grid = (config.data.image_size // config.model.patch_size,) * 2
+  grid = build.grid(config, config.data.image_size)
   loaded = {}  # path -> params: the same checkpoint (or 'random') once
   for path in encoders.values():
     if path not in loaded:

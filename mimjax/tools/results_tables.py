@@ -32,18 +32,17 @@ def stat(values) -> tuple[float, float, int]:
   return float(np.mean(values)), float(np.std(values)), len(values)
 
 
-def fmt(s) -> str:
+def fmt(s, digits: int = 2) -> str:
+  """'mean ± std' of a (mean, std, n) stat; the mean alone for one seed."""
   mean, std, n = s
   if n == 0:
     return '—'
-  return f'{mean:.2f}' if n == 1 else f'{mean:.2f} ± {std:.2f}'
+  return (f'{mean:.{digits}f}' if n == 1 else
+          f'{mean:.{digits}f} ± {std:.{digits}f}')
 
 
 def fmt3(s) -> str:
-  mean, std, n = s
-  if n == 0:
-    return '—'
-  return f'{mean:.3f}' if n == 1 else f'{mean:.3f} ± {std:.3f}'
+  return fmt(s, 3)
 
 
 def pick(rows_per_seed, stage, key, init=None):

@@ -143,11 +143,15 @@ def pictures(out) -> str:
   return ('Pictures: ' + ', '.join(shown) + more) if shown else ''
 
 
+# The summary's columns; 'inner_loss' (Eq. 7: how close φ' is) only when a
+# stage has one.
+SUMMARY_KEYS = ('loss', 'inner_loss', 'knn_top1', 'top1', 'top5',
+                'invariance', 'steps', 'train_seconds')
+
+
 def summary_markdown(summaries: list[dict]) -> str:
   """The summary table as Markdown (summary.md)."""
-  keys = ('loss', 'inner_loss', 'knn_top1', 'top1', 'top5', 'invariance',
-          'steps', 'train_seconds')
-  keys = [k for k in keys if any(k in s for s in summaries)]
+  keys = [k for k in SUMMARY_KEYS if any(k in s for s in summaries)]
   cell = lambda v: (f'{v:.4f}' if isinstance(v, float) else
                     '—' if v is None else str(v))
   lines = ['| stage | init | ' + ' | '.join(keys) + ' |',
@@ -214,10 +218,8 @@ def _tagged(summary: dict, init: str) -> dict:
 
 def summary_table(summaries: list[dict], config) -> str:
   """A short table of what each stage measured."""
-  keys = ('loss', 'knn_top1', 'top1', 'top5', 'invariance', 'steps',
-          'train_seconds')
-  if any('inner_loss' in s for s in summaries):  # Eq. 7: how close φ' is
-    keys = ('loss', 'inner_loss', *keys[1:])
+  keys = [k for k in SUMMARY_KEYS
+          if k != 'inner_loss' or any(k in s for s in summaries)]
   cell = lambda v: (f'{v:>13.4f}' if isinstance(v, float) else
                     f'{"-" if v is None else v!s:>13}')
   lines = [f'{"stage":<10} {"init":<24} ' + ' '.join(f'{k:>13}' for k in keys)]

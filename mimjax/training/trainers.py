@@ -230,30 +230,28 @@ def pretrain(config, workdir: str, init: str | None = None):
                    c.data)
 
 
-def finetune(config, workdir: str, init: str | None = None):
-  """End-to-end fine-tuning (init=None: from random initialisation)."""
+def _classify(stage: str, recipe_fn, config, workdir: str, init):
+  """A fine-tuning or probing stage on config.data, from the encoder at
+  `init` (None: random initialisation)."""
   mesh, rules = build.setup(config)
-  recipe = finetune_recipe(
+  recipe = recipe_fn(
       config, mesh,
       data_lib.num_examples(config.data, config.data.train_split),
       data_lib.num_classes(config.data), init)
-  batches = functools.partial(data_lib.train_batches, config.data, 'finetune',
-                              config.finetune.batch_size, config.seed)
-  return run_stage('finetune', config, workdir, recipe, batches, mesh, rules,
+  batches = functools.partial(data_lib.train_batches, config.data, stage,
+                              config[stage].batch_size, config.seed)
+  return run_stage(stage, config, workdir, recipe, batches, mesh, rules,
                    config.data, meta={'init': init or 'random'})
+
+
+def finetune(config, workdir: str, init: str | None = None):
+  """End-to-end fine-tuning (init=None: from random initialisation)."""
+  return _classify('finetune', finetune_recipe, config, workdir, init)
 
 
 def linprobe(config, workdir: str, init: str):
   """Linear probe of a frozen pre-trained encoder."""
-  mesh, rules = build.setup(config)
-  recipe = linprobe_recipe(
-      config, mesh,
-      data_lib.num_examples(config.data, config.data.train_split),
-      data_lib.num_classes(config.data), init)
-  batches = functools.partial(data_lib.train_batches, config.data, 'linprobe',
-                              config.linprobe.batch_size, config.seed)
-  return run_stage('linprobe', config, workdir, recipe, batches, mesh, rules,
-                   config.data, meta={'init': init})
+  return _classify('linprobe', linprobe_recipe, config, workdir, init)
 
 
 def evaluate(config, checkpoint_dir: str):
