@@ -1,4 +1,10 @@
-"""Vision Transformer encoder that runs on the visible patches only."""
+"""Vision Transformer encoder that runs on the visible patches only.
+
+Why this module is long: it holds every part of the ViT that the encoder,
+the decoder and the classifier share (patches, position embeddings,
+attention, blocks, the scanned or unrolled stack), so that each reads in
+one place.
+"""
 
 from __future__ import annotations
 
@@ -129,36 +135,65 @@ def drop_path(module: nn.Module, x, rate, active: bool):
   return jnp.where(mask, x / keep, 0.0)
 
 
-class HeadsDense(nn.Module):
-  """(B, N, D) -> (B, N, heads, head_dim), or back with `to_width`.
-
-  Explicit 3-D kernels, so that each axis carries its own logical name.
-  """
+class HeadsWeights(nn.Module):
+  """The kernel (D, heads, head_dim) and bias (heads, head_dim) of the query,
+  key or value projection: explicit 3-D kernels, so that each axis carries
+  its own logical name. `Attention` applies q, k and v as one matmul."""
+  width: int
   num_heads: int
   head_dim: int
-  to_width: int = 0  # > 0: the output projection (heads, head_dim) -> width
+
+  @nn.compact
+  def __call__(self):
+    heads = (self.num_heads, self.head_dim)
+    kernel = self.param('kernel', logical(qkv_init, ('embed', 'heads', 'kv')),
+                        (self.width, *heads))
+    bias = self.param('bias', logical(nn.initializers.zeros, ('heads', 'kv')),
+                      heads)
+    return kernel, bias
+
+
+class HeadsOut(nn.Module):
+  """(B, heads, N, head_dim) -> (B, N, width), with a 3-D kernel."""
+  width: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    heads = (self.num_heads, self.head_dim)
-    if self.to_width:
-      shape, names = (*heads, self.to_width), ('heads', 'kv', 'embed')
-      init, equation = out_init, 'bnhk,hkd->bnd'
-      bias_shape, bias_names = (self.to_width,), ('embed',)
-    else:
-      shape, names = (x.shape[-1], *heads), ('embed', 'heads', 'kv')
-      init, equation = qkv_init, 'bnd,dhk->bnhk'
-      bias_shape, bias_names = heads, ('heads', 'kv')
-    kernel = self.param('kernel', logical(init, names), shape)
-    bias = self.param('bias', logical(nn.initializers.zeros, bias_names),
-                      bias_shape)
-    return (jnp.einsum(equation, x.astype(self.dtype),
+    heads = (x.shape[1], x.shape[3])
+    kernel = self.param('kernel', logical(out_init, ('heads', 'kv', 'embed')),
+                        (*heads, self.width))
+    bias = self.param('bias', logical(nn.initializers.zeros, ('embed',)),
+                      (self.width,))
+    return (jnp.einsum('bhnk,hkd->bnd', x.astype(self.dtype),
                        kernel.astype(self.dtype)) + bias.astype(self.dtype))
 
 
+def attend(q, k, v):
+  """softmax(q kᵀ / √d) v over heads-major (B, heads, N, head_dim) inputs.
+
+  On GPU, `jax.nn.dot_product_attention`: cuDNN's fused kernel where it
+  applies (bf16/fp16), XLA's otherwise. Elsewhere XLA as written here:
+  heads-major operands keep the batched matmuls free of transposes, and the
+  (B, H, N, d) output is normalised instead of the (B, H, N, N)
+  probabilities, a pass fewer over the largest tensor (docs/performance.md).
+  """
+  if jax.default_backend() == 'gpu':
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    return jax.nn.dot_product_attention(q, k, v).transpose(0, 2, 1, 3)
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  scores = jnp.einsum('bhqd,bhkd->bhqk', q, k,
+                      preferred_element_type=jnp.float32)
+  scores = scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True))
+  weights = jnp.exp(scores)
+  out = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return (out / weights.sum(-1, keepdims=True)).astype(q.dtype)
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with separate q, k, v projections."""
+  """Multi-head self-attention; q, k and v keep separate parameters but
+  run as one matmul."""
   num_heads: int
   dtype: Dtype = jnp.float32
 
@@ -168,11 +203,14 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f'width {width} not divisible by {self.num_heads} heads')
     dims = (self.num_heads, width // self.num_heads)
-    q, k, v = (constrain(HeadsDense(*dims, dtype=self.dtype, name=n)(x),
-                         ('batch', 'length', 'heads', 'kv'))
-               for n in ('query', 'key', 'value'))
-    out = jax.nn.dot_product_attention(q, k, v)
-    return HeadsDense(*dims, to_width=width, dtype=self.dtype, name='out')(out)
+    weights = [HeadsWeights(width, *dims, name=n)()
+               for n in ('query', 'key', 'value')]
+    kernel = jnp.stack([w for w, _ in weights], axis=1).astype(self.dtype)
+    bias = jnp.stack([b for _, b in weights]).astype(self.dtype)
+    qkv = (jnp.einsum('bnd,dthk->tbhnk', x.astype(self.dtype), kernel) +
+           bias[:, None, :, None])
+    q, k, v = (constrain(y, ('batch', 'heads', 'length', 'kv')) for y in qkv)
+    return HeadsOut(width, self.dtype, name='out')(attend(q, k, v))
 
 
 class Mlp(nn.Module):
@@ -185,7 +223,9 @@ class Mlp(nn.Module):
     x = nn.Dense(self.hidden, dtype=self.dtype, name='fc1',
                  kernel_init=logical(xavier, ('embed', 'mlp')),
                  bias_init=logical(nn.initializers.zeros, ('mlp',)))(x)
-    x = nn.gelu(x, approximate=False)  # torch's nn.GELU default
+    # torch's nn.GELU default, as torch writes it: through erf, which XLA
+    # evaluates at a fraction of the cost of the erfc in jax.nn.gelu.
+    x = 0.5 * x * (1 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
     x = constrain(x, ('batch', 'length', 'mlp'))
     return nn.Dense(width, dtype=self.dtype, name='fc2',
                     kernel_init=logical(xavier, ('mlp', 'embed')),
