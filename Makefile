@@ -42,8 +42,12 @@ results: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
 
+# The real ViT-B/16 (and, off CPU, ViT-L/16) train steps: img/s, compile
+# time, memory, FLOPs/MFU, the input pipeline, and a PyTorch (HF) peer when
+# torch and transformers are installed (`make parity` installs them).
+# BENCH_ARGS: e.g. --batch=64 --out=bench.json, or --quick for a smoke run.
 bench: $(VENV)/.installed
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # Reference implementations (CPU torch from the local wheel, transformers,
 # timm) for the live parity tests and for regenerating golden files.

@@ -1,127 +1,585 @@
-"""`make bench`: throughput as ratios against peers run in the same process.
+"""`make bench`: mimjax's real train steps, timed, next to a PyTorch peer.
 
-1. Gather of kept tokens: take_along_axis vs a one-hot einsum.
-2. MAE train step (encoder on 25% of tokens + decoder) vs a supervised ViT
-   step on all tokens: the paper's 3x+ speed-up claim, measured here.
-On a GPU/TPU it also prints model-FLOPs utilisation of the MAE step.
+For each configuration (ViT-B/16 MAE pre-training, ViT-B/16 fine-tuning and,
+off CPU, ViT-L/16 MAE pre-training), built from configs/mae_imagenet.py and
+trained by the recipe's own step (`trainers.*_recipe`, `state.create`,
+`state.make_train_step`: sharded, donated), it reports
 
-  python benchmarks/run.py [--size=B --patch=16 --image=224 --batch=64]
+  * steady-state img/s: batch / median step time after warm-up steps;
+  * compile time of the unrolled (model.scan=False) and the scanned
+    (model.scan=True) step, lowering timed apart;
+  * memory: the compiled step's temp + arguments + outputs (less the donated
+    buffers that outputs alias), and the device's live peak where it has one;
+  * model FLOPs per step (`mimjax.flops`, analytic) next to XLA's count,
+    achieved TFLOP/s, and MFU where the chip's dense bf16 peak is known;
+  * the tf.data input pipeline's img/s on generated JPEGs, with a warning
+    when it could not keep up with the step;
+  * the same step in PyTorch (HF transformers ViTMAEForPreTraining or
+    ViTForImageClassification + AdamW), same shapes and batch, when torch and
+    transformers import, and the ratio mimjax/PyTorch. The fine-tuning peer
+    does less work than the recipe: no mixup/cutmix, drop path or layer decay.
+
+  python benchmarks/run.py [--batch=N] [--steps=N] [--quick] [--out=FILE.json]
+
+--quick runs the same code at tiny sizes (ViT-mu, patch 4, 32px, batch 8):
+a smoke test of the benchmark, not a measurement.
 """
 
+from __future__ import annotations
+
 import argparse
+import dataclasses
+import datetime
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import optax
+if __name__ == '__main__':
+  # The PyTorch peer shares the accelerator: JAX takes memory as it needs it
+  # rather than 75% of the device up front.
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TF's start-up notes
 
-from mimjax import masking, mim, objectives
-from mimjax.models import Classifier, Decoder, Encoder, vit
+import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import numpy as np  # pylint: disable=g-import-not-at-top
 
-PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v4': 275.0,
-               'TPU v5e': 197.0, 'TPU v5p': 459.0}  # dense bf16
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)  # configs/ and mimjax/ from this checkout
 
+from mimjax import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-def timeit(fn, *args, repeats=5):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / repeats
-
-
-def bench_gather(batch, tokens, width, keep):
-  x = jax.random.normal(jax.random.key(0), (batch, tokens, width))
-  ids = jnp.argsort(jax.random.uniform(jax.random.key(1), (batch, tokens)),
-                    axis=1)[:, :keep]
-  take = jax.jit(vit.gather_tokens)
-  onehot = jax.jit(lambda x, i: jnp.einsum(
-      'bkl,bld->bkd', jax.nn.one_hot(i, x.shape[1], dtype=x.dtype), x))
-  t_take, t_onehot = timeit(take, x, ids), timeit(onehot, x, ids)
-  print(f'gather ({batch}x{tokens}x{width} keep {keep}): take_along_axis '
-        f'{t_take * 1e3:.3f} ms, one-hot einsum {t_onehot * 1e3:.3f} ms, '
-        f'ratio einsum/take {t_onehot / t_take:.2f}')
+FAKE_NUM_TRAIN = 1_000_000  # sizes the LR schedule only
+NUM_CLASSES = 1000
+GIB = 2.0**30
 
 
-def train_step(apply_loss, params):
-  tx = optax.adamw(1e-4)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, images, rng):
-    loss, grads = jax.value_and_grad(apply_loss)(params, images, rng)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return step, opt_state
+# ------------------------------------------------------------ configurations
 
 
-def encoder_flops(width, depth, tokens, mlp_ratio=4.0):
-  """Forward matmul FLOPs of ViT blocks on `tokens` tokens (x3 for training)."""
-  per_token = depth * (2 * 4 * width * width + 2 * 2 * width * width * mlp_ratio)
-  attention = depth * 2 * 2 * tokens * tokens * width
-  return per_token * tokens + attention
+@dataclasses.dataclass(frozen=True)
+class Bench:
+  """One configuration: a recipe of configs/mae_imagenet.py and a stage."""
+  name: str
+  size: str  # mae_imagenet.get_config's argument: 'B' or 'L'
+  kind: str  # 'pretrain' or 'finetune'
 
 
-def bench_steps(size, patch, image, batch, dtype, dec_width, dec_depth):
-  shape = vit.preset(size)
-  encoder = Encoder(patch_size=patch, **shape, dtype=dtype)
-  decoder = Decoder(out_dim=patch * patch * 3, width=dec_width,
-                    depth=dec_depth, num_heads=max(dec_width // 32, 1),
-                    dtype=dtype)
-  model = mim.MIM(encoder, decoder, masking.random(0.75), objectives.mae())
-  images = jax.random.normal(jax.random.key(0), (batch, image, image, 3))
-  rng = jax.random.key(1)
-  params = model.init({'params': rng, 'mask': rng}, images[:1])['params']
-  mae_loss = lambda p, x, r: model.apply({'params': p}, x, train=True,
-                                         rngs={'mask': r, 'dropout': r})[0]
-  mae_step, mae_opt = train_step(mae_loss, params)
-  t_mae = timeit(lambda: mae_step(params, mae_opt, images, rng))
+def benches(on_cpu: bool) -> list[Bench]:
+  out = [Bench('ViT-B/16 MAE pre-train', 'B', 'pretrain'),
+         Bench('ViT-B/16 fine-tune', 'B', 'finetune')]
+  if not on_cpu:
+    out.append(Bench('ViT-L/16 MAE pre-train', 'L', 'pretrain'))
+  return out
 
-  clf = Classifier(encoder, 1000)
-  clf_params = clf.init({'params': rng}, images[:1])['params']
-  labels = jnp.zeros((batch,), jnp.int32)
-  clf_loss = lambda p, x, r: optax.softmax_cross_entropy_with_integer_labels(
-      clf.apply({'params': p}, x, train=True, rngs={'dropout': r})[0],
-      labels).mean()
-  clf_step, clf_opt = train_step(clf_loss, clf_params)
-  t_clf = timeit(lambda: clf_step(clf_params, clf_opt, images, rng))
-  print(f'ViT-{size}/{patch} {image}px batch {batch} {jnp.dtype(dtype).name} '
-        f'(decoder {dec_width}x{dec_depth}): '
-        f'MAE step {t_mae * 1e3:.1f} ms ({batch / t_mae:.1f} img/s), '
-        f'supervised step {t_clf * 1e3:.1f} ms; MAE/supervised speed-up '
-        f'{t_clf / t_mae:.2f}x')
-  tokens = (image // patch) ** 2
-  keep = int(tokens * 0.25) + 1
-  flops = 3 * batch * (encoder_flops(shape['width'], shape['depth'], keep) +
-                       encoder_flops(dec_width, dec_depth, tokens + 1))
-  kind = jax.devices()[0].device_kind
-  peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-  if peak:
-    print(f'MAE step model FLOPs utilisation on {kind}: '
-          f'{100 * flops / t_mae / (peak * 1e12):.1f}%')
+
+def make_config(bench: Bench, batch: int, dtype: str, quick: bool,
+                scan: bool | None = None):
+  """The reference recipe, at the benchmark's batch and dtype (scan None:
+  as the recipe says); --quick only shrinks the sizes."""
+  from configs import mae_imagenet  # pylint: disable=g-import-not-at-top
+  c = mae_imagenet.get_config(bench.size)
+  c.model.dtype = dtype
+  if scan is not None:
+    c.model.scan = scan
+  c.pretrain.knn_every = c.pretrain.recon_every = 0  # no evaluators
+  c.pretrain.batch_size = c.finetune.batch_size = batch
+  if quick:
+    c.model.size = {'B': 'mu', 'L': 'nano'}[bench.size]
+    c.model.patch_size = 4
+    c.data.image_size = c.pretrain.data.image_size = 32
+    c.pretrain.decoder.update(dict(width=64, depth=2, num_heads=4))
+  return c
+
+
+def shape_of(config, kind: str) -> dict:
+  """What the step computes, as plain numbers (for FLOPs, the peer, JSON)."""
+  from mimjax.models import vit  # pylint: disable=g-import-not-at-top
+  enc = vit.preset(config.model.size)
+  dec = config.pretrain.decoder
+  image = (config.pretrain.data if kind == 'pretrain' else
+           config.data).image_size
+  shape = dict(width=enc['width'], depth=enc['depth'],
+               heads=enc['num_heads'], patch=config.model.patch_size,
+               image=image)
+  if kind == 'pretrain':
+    shape.update(decoder_width=dec.width, decoder_depth=dec.depth,
+                 decoder_heads=dec.num_heads,
+                 mask_ratio=config.pretrain.mask_ratio,
+                 norm_pix=bool(config.pretrain.objective_kwargs.get(
+                     'norm_pix', False)))
   else:
-    print(f'device {kind}: {flops / t_mae / 1e12:.3f} TFLOP/s achieved '
-          '(no peak known, no MFU)')
+    shape.update(num_classes=NUM_CLASSES)
+  return shape
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  on_cpu = jax.default_backend() == 'cpu'
-  parser.add_argument('--size', default='mu' if on_cpu else 'B')
-  parser.add_argument('--patch', type=int, default=4 if on_cpu else 16)
-  parser.add_argument('--image', type=int, default=32 if on_cpu else 224)
-  parser.add_argument('--batch', type=int, default=64 if on_cpu else 256)
-  parser.add_argument('--decoder_width', type=int, default=64 if on_cpu else 512)
-  parser.add_argument('--decoder_depth', type=int, default=2 if on_cpu else 8)
-  args = parser.parse_args()
-  dtype = jnp.float32 if on_cpu else jnp.bfloat16
-  bench_gather(args.batch, (args.image // args.patch) ** 2,
-               vit.preset(args.size)['width'],
-               (args.image // args.patch) ** 2 // 4)
-  bench_steps(args.size, args.patch, args.image, args.batch, dtype,
-              args.decoder_width, args.decoder_depth)
+def model_flops(config, kind: str) -> int:
+  """Model FLOPs of one training image (mimjax.flops)."""
+  if kind == 'pretrain':
+    c = config.pretrain
+    return flops.mae_flops(config.model.size, config.model.patch_size,
+                           c.data.image_size, c.mask_ratio, c.decoder.width,
+                           c.decoder.depth)['train']
+  return flops.classifier_flops(config.model.size, config.model.patch_size,
+                                config.data.image_size, NUM_CLASSES)['train']
+
+
+def describe(bench: Bench, s: dict, batch: int) -> str:
+  what = f'{s["image"]}px, ViT {s["width"]}x{s["depth"]}, patch {s["patch"]}'
+  if bench.kind == 'pretrain':
+    what += (f', mask {s["mask_ratio"]}, decoder {s["decoder_width"]}x'
+             f'{s["decoder_depth"]}' + (', norm_pix' if s['norm_pix'] else ''))
+  else:
+    what += f', {s["num_classes"]} classes'
+  return f'{bench.name} ({what}), batch {batch}'
+
+
+# ------------------------------------------------------------ the mimjax step
+
+
+def median_step(step, warmup: int, steps: int) -> tuple[float, list[float]]:
+  """Median seconds of `steps` calls of `step()` (which blocks) after
+  `warmup` untimed ones; and all timed seconds."""
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
+
+
+def _cost_flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
+
+
+def _memory(compiled) -> dict:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    m = None
+  if m is None:
+    return dict(compiled_gib=None)
+  parts = {k: getattr(m, f'{k}_size_in_bytes', 0) or 0
+           for k in ('temp', 'argument', 'output', 'alias')}
+  total = parts['temp'] + parts['argument'] + parts['output'] - parts['alias']
+  return dict(compiled_gib=total / GIB,
+              **{f'{k}_gib': v / GIB for k, v in parts.items()})
+
+
+def _live_peak_gib() -> float | None:
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  peak = (stats or {}).get('peak_bytes_in_use')
+  return peak / GIB if peak else None
+
+
+def _recipe(bench: Bench, config, mesh):
+  from mimjax.training import trainers  # pylint: disable=g-import-not-at-top
+  if bench.kind == 'pretrain':
+    return trainers.pretrain_recipe(config, mesh, FAKE_NUM_TRAIN)
+  return trainers.finetune_recipe(config, mesh, FAKE_NUM_TRAIN, NUM_CLASSES)
+
+
+def bench_mimjax(bench: Bench, args, dtype: str) -> tuple[dict, dict]:
+  """Compiles the step unrolled and scanned, times the one the recipe uses
+  (model.scan). Returns (numbers, the shape of what was run)."""
+  from mimjax import build, sharding  # pylint: disable=g-import-not-at-top
+  from mimjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  timed_scan = bool(make_config(bench, args.batch, dtype,
+                                args.quick).model.scan)
+  out = {}
+  for scan in (not timed_scan, timed_scan):  # the timed one last
+    config = make_config(bench, args.batch, dtype, args.quick, scan)
+    config_lib.validate(config, jax.device_count(), sharding.topology()[1])
+    mesh, rules = build.setup(config)
+    recipe = _recipe(bench, config, mesh)
+    abstract_state, shardings = state_lib.abstract(
+        recipe.init_variables, recipe.tx, config.seed, mesh, rules)
+    run = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings,
+                                    mesh, rules)
+    size = recipe.image_size
+    batch_sharding = sharding.batch_sharding(mesh)
+    abstract_batch = {
+        'image': jax.ShapeDtypeStruct((args.batch, size, size, 3), np.float32,
+                                      sharding=batch_sharding),
+        'label': jax.ShapeDtypeStruct((args.batch,), np.int32,
+                                      sharding=batch_sharding)}
+    with sharding.active(mesh, rules):
+      start = time.perf_counter()
+      lowered = run.jitted.lower(abstract_state, abstract_batch)
+      lowered_at = time.perf_counter()
+      compiled = lowered.compile()
+      done = time.perf_counter()
+    which = 'scanned' if scan else 'unrolled'
+    out[f'lower_{which}_s'] = lowered_at - start
+    out[f'compile_{which}_s'] = done - lowered_at
+    del lowered
+    if scan != timed_scan:
+      del compiled, recipe, run
+      gc.collect()
+
+  out['timed'] = 'scanned' if timed_scan else 'unrolled'
+  out.update(_memory(compiled))
+  out['xla_flops_per_step'] = _cost_flops(compiled)
+  state, _ = state_lib.create(recipe.init_variables, recipe.tx, config.seed,
+                              mesh, rules)
+  rng = np.random.default_rng(0)
+  local = args.batch // jax.process_count()
+  batch = sharding.global_batch({
+      'image': rng.standard_normal((local, size, size, 3), np.float32),
+      'label': rng.integers(0, NUM_CLASSES, (local,), np.int32)}, mesh)
+  holder = {'state': state}
+  del state
+
+  def step():
+    holder['state'], holder['metrics'] = compiled(holder['state'], batch)
+    jax.block_until_ready((holder['state'], holder['metrics']))
+
+  median, times = median_step(step, args.warmup, args.steps)
+  out.update(step_s=median, step_s_all=times, img_per_s=args.batch / median,
+             loss=float(holder['metrics']['loss']),
+             live_peak_gib=_live_peak_gib())
+  del holder, compiled, batch, recipe, run
+  gc.collect()
+  return out, shape_of(config, bench.kind)
+
+
+# ------------------------------------------------------------ the input pipeline
+
+
+def _write_jpegs(root: str, count: int, side: int):
+  """`count` photo-like JPEGs (smooth colour fields plus grain) in two
+  class folders."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for i in range(count):
+    folder = os.path.join(root, f'class{i % 2}')
+    os.makedirs(folder, exist_ok=True)
+    low = rng.uniform(0, 255, (8, 8, 3)).astype(np.uint8)
+    image = np.asarray(Image.fromarray(low).resize((side, side),
+                                                   Image.BILINEAR), np.float32)
+    image += rng.normal(0, 12, image.shape)
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+        os.path.join(folder, f'{i:04d}.jpg'), quality=90)
+
+
+def bench_pipeline(data_config, mode: str, batch: int, quick: bool,
+                   cache: dict) -> dict:
+  """img/s of the real training pipeline (`data.train_batches`: JPEG decode,
+  random-resized crop, flip, and for fine-tuning RandAugment and erasing)
+  over a folder of generated JPEGs; the first batch is not timed."""
+  key = (mode, data_config.image_size, batch)
+  if key in cache:
+    return cache[key]
+  try:
+    from mimjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    cache[key] = dict(input_img_per_s=None,
+                      input_note=f'skipped: {type(e).__name__}: {e}')
+    return cache[key]
+  side, count, num_batches = (64, 64, 8) if quick else (256, 64, 20)
+  with tempfile.TemporaryDirectory(prefix='mimjax_bench_') as root:
+    _write_jpegs(root, count, side)
+    dc = data_config.copy_and_resolve_references()
+    dc.name = f'folder:{root}'
+    batches = data_lib.train_batches(dc, mode, batch, seed=0)
+    next(batches)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+      next(batches)
+    elapsed = time.perf_counter() - start
+    del batches
+  cache[key] = dict(
+      input_img_per_s=num_batches * batch / elapsed,
+      input_note=(f'{mode} pipeline, {count} {side}x{side} JPEGs -> '
+                  f'{data_config.image_size}px'))
+  return cache[key]
+
+
+# ------------------------------------------------------------ the PyTorch peer
+
+
+def import_peer():
+  """(torch, transformers) or (None, why not). Imported before TensorFlow:
+  a CUDA build of torch brings triton, which must load before TF does."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    try:
+      import triton  # pylint: disable=g-import-not-at-top,unused-import
+    except Exception:  # pylint: disable=broad-except
+      pass
+    import transformers  # pylint: disable=g-import-not-at-top
+  except Exception as e:  # pylint: disable=broad-except
+    return None, f'{type(e).__name__}: {e}'
+  return (torch, transformers), None
+
+
+def bench_peer(peer, kind: str, s: dict, batch: int, warmup: int,
+               steps: int) -> dict:
+  """The same step in PyTorch: HF ViT(MAE) + AdamW, fp32 on CPU, bf16
+  autocast on CUDA."""
+  torch, transformers = peer
+  cuda = torch.cuda.is_available()
+  device = torch.device('cuda' if cuda else 'cpu')
+  torch.manual_seed(0)
+  common = dict(hidden_size=s['width'], num_hidden_layers=s['depth'],
+                num_attention_heads=s['heads'],
+                intermediate_size=4 * s['width'], image_size=s['image'],
+                patch_size=s['patch'], layer_norm_eps=1e-6,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  if kind == 'pretrain':
+    config = transformers.ViTMAEConfig(
+        **common, decoder_hidden_size=s['decoder_width'],
+        decoder_num_hidden_layers=s['decoder_depth'],
+        decoder_num_attention_heads=s['decoder_heads'],
+        decoder_intermediate_size=4 * s['decoder_width'],
+        mask_ratio=s['mask_ratio'], norm_pix_loss=s['norm_pix'])
+    model = transformers.ViTMAEForPreTraining(config)
+    labels = None
+  else:
+    config = transformers.ViTConfig(**common, num_labels=s['num_classes'])
+    model = transformers.ViTForImageClassification(config)
+    labels = torch.randint(0, s['num_classes'], (batch,), device=device)
+  model.to(device).train()
+  images = torch.randn(batch, 3, s['image'], s['image'], device=device)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                          weight_decay=0.05)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+      kwargs = {} if labels is None else {'labels': labels}
+      loss = model(pixel_values=images, **kwargs).loss
+    loss.backward()
+    opt.step()
+    if cuda:
+      torch.cuda.synchronize()
+
+  try:
+    median, times = median_step(step, warmup, steps)
+  finally:
+    del model, opt, images
+    gc.collect()
+    if cuda:
+      torch.cuda.empty_cache()
+  return dict(peer_img_per_s=batch / median, peer_step_s=median,
+              peer_step_s_all=times,
+              peer_note=(f'HF {type(config).__name__[:-6]} + AdamW on '
+                         f'{device.type}, '
+                         + ('bf16 autocast' if cuda else 'fp32')))
+
+
+def peer_unavailable(peer, why: str | None) -> str | None:
+  """Why the peer cannot run here (None: it can)."""
+  if peer is None:
+    return f'torch/transformers not importable ({why})'
+  backend = jax.default_backend()
+  if backend == 'tpu':
+    return 'no PyTorch peer on TPU'
+  if backend != 'cpu' and not peer[0].cuda.is_available():
+    return f'torch sees no CUDA device; a CPU peer is no match for {backend}'
+  return None
+
+
+# ------------------------------------------------------------ report
+
+
+def _versions(peer) -> dict:
+  def dist(*names):
+    for name in names:
+      try:
+        return importlib.metadata.version(name)
+      except importlib.metadata.PackageNotFoundError:
+        pass
+    return None
+  import flax  # pylint: disable=g-import-not-at-top
+  return dict(jax=jax.__version__, jaxlib=dist('jaxlib'),
+              flax=flax.__version__,
+              torch=peer[0].__version__ if peer else dist('torch'),
+              transformers=peer[1].__version__ if peer else
+              dist('transformers'),
+              tensorflow=dist('tensorflow', 'tensorflow-cpu'))
+
+
+def _finite(tree):
+  """The record with non-finite floats as None (strict JSON)."""
+  if isinstance(tree, dict):
+    return {k: _finite(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_finite(v) for v in tree]
+  if isinstance(tree, float) and not math.isfinite(tree):
+    return None
+  return tree
+
+
+def _gib(x) -> str:
+  """GiB, or MiB below one GiB."""
+  if x is None:
+    return 'n/a'
+  return f'{x:.2f} GiB' if x >= 1 else f'{x * 1024:.1f} MiB'
+
+
+def _flop(x) -> str:
+  if x is None:
+    return 'n/a'
+  for unit, scale in (('T', 1e12), ('G', 1e9), ('M', 1e6)):
+    if x >= scale:
+      return f'{x / scale:.3g} {unit}FLOP'
+  return f'{x:.3g} FLOP'
+
+
+def report(bench: Bench, r: dict, batch: int, peak: float | None,
+           say) -> None:
+  say('')
+  say(describe(bench, r['shape'], batch))
+  say(f'  step      {r["img_per_s"]:.1f} img/s  (median of '
+      f'{len(r["step_s_all"])} steps {1e3 * r["step_s"]:.1f} ms, '
+      f'{r["timed"]})')
+  say(f'  compile   unrolled {r["compile_unrolled_s"]:.1f} s (+ lower '
+      f'{r["lower_unrolled_s"]:.1f} s) | scanned {r["compile_scanned_s"]:.1f}'
+      f' s (+ lower {r["lower_scanned_s"]:.1f} s)')
+  live = r['live_peak_gib']
+  say(f'  memory    {_gib(r["compiled_gib"])} compiled step (temp '
+      f'{_gib(r.get("temp_gib"))} + args {_gib(r.get("argument_gib"))} + out '
+      f'{_gib(r.get("output_gib"))} - donated {_gib(r.get("alias_gib"))})'
+      + (f'; live peak {_gib(live)} (process so far)' if live else ''))
+  mfu = (f'MFU {100 * r["mfu"]:.1f}%' if r['mfu'] is not None else
+         'MFU: no peak known' + ('' if peak else
+                                 f' for {r["device_kind"]}'))
+  say(f'  FLOPs     {_flop(r["model_flops_per_step"])} per step (analytic; '
+      f'XLA counts {_flop(r["xla_flops_per_step"])}), '
+      f'{r["achieved_tflops"]:.3g} TFLOP/s achieved, {mfu}')
+  if r['input_img_per_s'] is None:
+    say(f'  input     {r["input_note"]}')
+  else:
+    say(f'  input     {r["input_img_per_s"]:.1f} img/s tf.data '
+        f'({r["input_note"]}) vs step {r["img_per_s"]:.1f} img/s')
+    if r['input_img_per_s'] < r['img_per_s']:
+      say(f'  WARNING   the input pipeline ({r["input_img_per_s"]:.1f} img/s)'
+          f' is slower than the step ({r["img_per_s"]:.1f} img/s): training '
+          'would starve on this host')
+  if r['peer_img_per_s'] is None:
+    say(f'  peer      PyTorch peer skipped: {r["peer_note"]}')
+  else:
+    say(f'  peer      {r["peer_note"]}: {r["peer_img_per_s"]:.1f} img/s '
+        f'(median {1e3 * r["peer_step_s"]:.1f} ms)')
+    say(f'  ratio mimjax/PyTorch: {r["ratio"]:.2f}x (mimjax '
+        f'{r["img_per_s"]:.1f} img/s, PyTorch {r["peer_img_per_s"]:.1f} '
+        'img/s)')
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch', type=int, default=None,
+                      help='global batch (default: 16 on CPU, 256 elsewhere;'
+                      ' 8 with --quick)')
+  parser.add_argument('--steps', type=int, default=None,
+                      help='timed steps, at least 5 (default 10; 5 --quick)')
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--quick', action='store_true',
+                      help='tiny sizes: a smoke run of this script')
+  parser.add_argument('--out', default='', help='write a JSON record here')
+  args = parser.parse_args(argv)
+
+  # The peer first: torch must load before TensorFlow (see import_peer).
+  peer, peer_why = import_peer()
+  backend = jax.default_backend()
+  on_cpu = backend == 'cpu'
+  if args.batch is None:
+    args.batch = 8 if args.quick else (16 if on_cpu else 256)
+  if args.steps is None:
+    args.steps = 5 if args.quick else 10
+  if args.steps < 5:
+    parser.error('--steps must be at least 5')
+  dtype = 'float32' if on_cpu else 'bfloat16'
+  devices = jax.devices()
+  kind, count = devices[0].device_kind, len(devices)
+  peak = flops.peak_tflops(kind)
+  versions = _versions(peer)
+  no_peer = peer_unavailable(peer, peer_why)
+  lead = jax.process_index() == 0
+  say = print if lead else (lambda *_: None)
+
+  say(f'mimjax bench{" --quick (tiny sizes, a smoke run)" if args.quick else ""}:'
+      f' {count} x {kind} ({backend}), {dtype}, batch {args.batch}, '
+      f'{args.warmup} warm-up + {args.steps} timed steps')
+  say('  ' + ', '.join(f'{k} {v}' for k, v in versions.items() if v)
+      + (f'; peak {peak:g} TFLOP/s per chip (dense bf16)' if peak else
+         '; no peak known'))
+  if os.environ.get('XLA_FLAGS'):
+    say(f'  XLA_FLAGS={os.environ["XLA_FLAGS"]}')
+  try:
+    from mimjax.training import trainers  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    # trainers imports mimjax.data (the fine-tuning loss uses its
+    # mixup_cutmix), and with it TensorFlow.
+    sys.exit(f'mimjax.training.trainers does not import ({type(e).__name__}:'
+             f' {e}); it needs tensorflow and tensorflow_datasets '
+             '(via mimjax.data)')
+
+  record = dict(
+      timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds'),
+      quick=args.quick, versions=versions,
+      device=dict(backend=backend, kind=kind, count=count,
+                  peak_tflops_per_chip=peak),
+      batch=args.batch, dtype=dtype, warmup=args.warmup, steps=args.steps,
+      xla_flags=os.environ.get('XLA_FLAGS') or None, peer_skipped=no_peer,
+      configurations=[])
+  pipelines = {}
+  for bench in benches(on_cpu):
+    numbers, shape = bench_mimjax(bench, args, dtype)
+    r = dict(name=bench.name, kind=bench.kind, batch=args.batch, dtype=dtype,
+             shape=shape, device_kind=kind, **numbers)
+    config = make_config(bench, args.batch, dtype, args.quick)
+    r['model_flops_per_step'] = float(args.batch *
+                                      model_flops(config, bench.kind))
+    r['achieved_tflops'] = r['model_flops_per_step'] / r['step_s'] / 1e12
+    r['mfu'] = (r['achieved_tflops'] / (peak * count) if peak else None)
+    try:
+      r.update(bench_pipeline(
+          config.pretrain.data if bench.kind == 'pretrain' else config.data,
+          bench.kind, args.batch, args.quick, pipelines))
+    except Exception as e:  # pylint: disable=broad-except
+      r.update(input_img_per_s=None,
+               input_note=f'failed: {type(e).__name__}: {str(e)[:200]}')
+    r.update(peer_img_per_s=None, peer_step_s=None, peer_step_s_all=None,
+             peer_note=no_peer, ratio=None)
+    if not no_peer:
+      try:
+        r.update(bench_peer(peer, bench.kind, shape, args.batch, args.warmup,
+                            args.steps))
+        r['ratio'] = r['img_per_s'] / r['peer_img_per_s']
+      except Exception as e:  # pylint: disable=broad-except
+        r['peer_note'] = f'failed: {type(e).__name__}: {str(e)[:200]}'
+    report(bench, r, args.batch, peak, say)
+    record['configurations'].append(r)
+
+  if args.out and lead:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+      json.dump(_finite(record), f, indent=1, allow_nan=False, default=str)
+    say(f'\nJSON record: {args.out}')
+  return record
 
 
 if __name__ == '__main__':

@@ -18,11 +18,17 @@ def setup(config):
       config.sharding_rules)
 
 
+def remat_policy(model_cfg) -> str:
+  """model.remat_policy; a config saved before the key existed means
+  jax's default (nothing saved)."""
+  return model_cfg.get('remat_policy', 'nothing_saveable')
+
+
 def encoder(model_cfg, **overrides) -> Encoder:
   return Encoder(patch_size=model_cfg.patch_size, **vit.preset(model_cfg.size),
                  norm_eps=model_cfg.norm_eps, scan=model_cfg.scan,
-                 remat=model_cfg.remat, dtype=jnp.dtype(model_cfg.dtype),
-                 **overrides)
+                 remat=model_cfg.remat, remat_policy=remat_policy(model_cfg),
+                 dtype=jnp.dtype(model_cfg.dtype), **overrides)
 
 
 def grid(config, image_size: int) -> tuple[int, int]:
@@ -37,6 +43,7 @@ def mim_model(config) -> mim.MIM:
                     width=dec.width, depth=dec.depth, num_heads=dec.num_heads,
                     norm_eps=config.model.norm_eps, scan=config.model.scan,
                     remat=config.model.remat,
+                    remat_policy=remat_policy(config.model),
                     dtype=jnp.dtype(config.model.dtype))
   view_fn = views.get(c.views, **c.view_kwargs.to_dict())
   # Masks for every crop; without crops, two-view masks give two.

@@ -45,9 +45,11 @@ def base_config() -> mlc.ConfigDict:
   c.mesh_dcn = config_dict.placeholder(tuple)
   c.sharding_rules = config_dict.placeholder(list)  # None: sharding.DEFAULT_RULES
   c.data = data_config()
+  # remat_policy: what a rematerialised block keeps for the backward pass
+  # (with remat=True), a name in jax.checkpoint_policies (vit.REMAT_POLICIES).
   c.model = mlc.ConfigDict(dict(
       size='B', patch_size=16, norm_eps=1e-6, scan=False, remat=False,
-      dtype='float32'))
+      remat_policy='nothing_saveable', dtype='float32'))
 
   c.pretrain = mlc.ConfigDict(dict(
       data=data_config(),  # what is pre-trained on
@@ -84,6 +86,9 @@ def base_config() -> mlc.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.stop_at_step = 0  # > 0: end each stage there (checkpointed) to resume later
+  # (N, M): a jax.profiler trace of training steps N..M (1-based, inclusive)
+  # of each stage, in <workdir>/<stage>/profile (TensorBoard's Profile tab).
+  c.profile_steps = config_dict.placeholder(tuple)
   # True: a stage whose checkpoints were written with other settings (see
   # `stage_fingerprint`) is moved aside to <stage>.old-N and starts afresh.
   c.overwrite = False
@@ -99,7 +104,9 @@ def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1):
   if config.mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {config.mode!r}')
   check_counts(config)
+  check_profile_steps(config.get('profile_steps'))
   vit.preset(config.model.size)
+  vit.checkpoint_policy(config.model.get('remat_policy', 'nothing_saveable'))
   mesh, _ = sharding.mesh_shapes(config.mesh, config.mesh_dcn, num_devices,
                                  num_granules, config.model.size)
   data_parallel = mesh[0] * mesh[1]
@@ -193,6 +200,20 @@ def check_counts(config):
     if not c.steps and not c.epochs:
       raise ValueError(f'{stage} would train nothing: {stage}.steps and '
                        f'{stage}.epochs are both 0')
+
+
+def check_profile_steps(steps):
+  """None or () (no trace), or (first, last) steps with 1 <= first <= last."""
+  if not steps:
+    return
+  if (not isinstance(steps, (tuple, list)) or len(steps) != 2 or
+      not all(isinstance(s, int) and not isinstance(s, bool) for s in steps)):
+    raise ValueError(f'profile_steps must be (first, last) training steps, '
+                     f'e.g. (10, 12), or None; got {steps!r}')
+  first, last = steps
+  if not 1 <= first <= last:
+    raise ValueError(f'profile_steps {tuple(steps)} must have 1 <= first <= '
+                     'last (1-based training steps, both traced)')
 
 
 def check_data(config):
@@ -302,7 +323,8 @@ def check_workdir(workdir: str):
 # (stop_at_step, log_every, checkpoint_every, keep_checkpoints,
 # eval_batch_size, mesh, mesh_dcn, sharding_rules, mode, overwrite,
 # analyze.*, reference.*) are not part of any stage's fingerprint.
-RESUMABLE = ('data_dir', 'prepare', 'num_parallel', 'remat', 'eval_every',
+RESUMABLE = ('data_dir', 'prepare', 'num_parallel', 'remat', 'remat_policy',
+             'eval_every',
              'knn_every', 'knn_k', 'knn_examples', 'recon_every', 'init',
              'enabled', 'scratch_baseline', 'scratch_layer_decay')
 GROWABLE = ('steps', 'epochs')

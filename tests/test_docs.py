@@ -20,7 +20,10 @@ before it. Several markers may follow one block.
 This test checks every measured marker in every docs/*.md: the command names
 an existing module and config file; memcheck figures are re-computed where
 that is cheap (parameter counts of any model under jax.eval_shape; the whole
-CPU memory_analysis for the small CPU presets on one device). In the docs
+CPU memory_analysis for the small CPU presets on one device); the commands
+of `mimjax.tools.scaling` rows are checked for a known flag, a config file
+and a mesh of the simulated device count. Tables derived by
+`mimjax.tools.scaling --table` (its FLOP model) are re-printed and compared. In the docs
 listed in STRICT, every figure (a number with a unit of bytes, or a count of
 parameters in millions) must be covered by a marker.
 """
@@ -232,6 +235,47 @@ def test_measured_figures_match_the_code(block, command):
   if module.group(1) == 'mimjax.tools.memcheck':
     for run, figures in memcheck_runs(block, command):
       check_memcheck(run, figures)
+  if module.group(1) == 'mimjax.tools.scaling':
+    runs = ([command.format(**row) for row in table(block)]
+            if block.lstrip().startswith('|') else [command])
+    for run in runs:
+      check_scaling_command(run)
+
+
+# ------------------------------------------------------------ scaling
+
+
+def check_scaling_command(command: str):
+  """A collectives run: known flags, an existing config, and a mesh that
+  has the simulated device count."""
+  args = shlex.split(command)
+  assert args[:3] == ['.venv/bin/python', '-m', 'mimjax.tools.scaling'], args
+  flags = dict(arg.partition('=')[::2] for arg in args[3:])
+  assert set(flags) <= {'--config', '--devices', '--table'} | {
+      f for f in flags if f.startswith('--config.')}, flags
+  if '--table' in flags:
+    return
+  path = flags['--config'].partition(':')[0]
+  assert (ROOT / path).is_file(), path
+  if '--config.mesh' in flags and '--devices' in flags:
+    mesh = ast.literal_eval(flags['--config.mesh'])
+    assert np.prod(mesh) == int(flags['--devices']), command
+
+
+def test_flop_tables_match_the_command():
+  """Every table derived by `mimjax.tools.scaling --table` is what the
+  command prints now."""
+  from mimjax.tools import scaling  # pylint: disable=g-import-not-at-top
+  printed = scaling.tables()
+  found = 0
+  for name in STRICT:
+    for _, block, markers in marked_blocks(
+        (ROOT / 'docs' / name).read_text()):
+      if any('mimjax.tools.scaling --table' in how for _, how in markers):
+        shown = MARKER.sub('', block).strip()
+        assert shown in printed, f'{name}: not what the command prints:\n{shown}'
+        found += 1
+  assert found >= 2, found
 
 
 def test_cheap_measurements_are_recomputed():

@@ -15,6 +15,7 @@ LAYERS = [
     # the math and the input: pure functions, models, data, sharding
     ('mimjax', 'mimjax.models', 'mimjax.masking', 'mimjax.views',
      'mimjax.objectives', 'mimjax.mim', 'mimjax.matrix', 'mimjax.sharding',
+     'mimjax.flops',
      'mimjax.data', 'mimjax.torch_io', 'mimjax.distributed',
      'mimjax.analysis', 'mimjax.analysis.cka', 'mimjax.analysis.invariance',
      'mimjax.analysis.knn', 'mimjax.analysis.visualize',

@@ -26,6 +26,7 @@ class Decoder(nn.Module):
   scan: bool = False
   remat: bool = False
   dtype: Any = jnp.float32
+  remat_policy: str = 'nothing_saveable'  # with remat (vit.REMAT_POLICIES)
 
   @nn.compact
   def __call__(self, tokens, ids_restore, grid: tuple[int, int], *,
@@ -50,7 +51,8 @@ class Decoder(nn.Module):
     x = vit.constrain(x, ('batch', 'length', 'embed'))
     x, _ = vit.Transformer(
         self.depth, self.num_heads, self.mlp_ratio, self.norm_eps,
-        scan=self.scan, remat=self.remat, dtype=self.dtype, name='transformer',
+        scan=self.scan, remat=self.remat, dtype=self.dtype,
+        remat_policy=self.remat_policy, name='transformer',
     )(x, train=train)
     x = vit.layer_norm('norm', self.norm_eps, self.dtype)(x)
     x = nn.Dense(self.out_dim, dtype=self.dtype, name='pred',

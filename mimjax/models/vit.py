@@ -173,14 +173,15 @@ def attend(q, k, v):
   """softmax(q kᵀ / √d) v over heads-major (B, heads, N, head_dim) inputs.
 
   On GPU, `jax.nn.dot_product_attention`: cuDNN's fused kernel where it
-  applies (bf16/fp16), XLA's otherwise. Elsewhere XLA as written here:
-  heads-major operands keep the batched matmuls free of transposes, and the
-  (B, H, N, d) output is normalised instead of the (B, H, N, N)
-  probabilities, a pass fewer over the largest tensor (docs/performance.md).
+  applies (bf16/fp16; `gpu_attention`), XLA's otherwise. Elsewhere XLA as
+  written here: heads-major operands keep the batched matmuls free of
+  transposes, and the (B, H, N, d) output is normalised instead of the
+  (B, H, N, N) probabilities, a pass fewer over the largest tensor
+  (docs/performance.md).
   """
   if jax.default_backend() == 'gpu':
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-    return jax.nn.dot_product_attention(q, k, v).transpose(0, 2, 1, 3)
+    return gpu_attention(q, k, v).transpose(0, 2, 1, 3)
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   scores = jnp.einsum('bhqd,bhkd->bhqk', q, k,
                       preferred_element_type=jnp.float32)
@@ -189,6 +190,22 @@ def attend(q, k, v):
   out = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return (out / weights.sum(-1, keepdims=True)).astype(q.dtype)
+
+
+def gpu_attention(q, k, v):
+  """Attention over (B, N, heads, head_dim) inputs: cuDNN's fused kernel for
+  bf16/fp16 where this cuDNN and GPU take the shapes, XLA's otherwise.
+
+  jax.nn.dot_product_attention does not choose cuDNN by itself (its default
+  is XLA's), so it is asked for; jax checks the cuDNN version, the GPU and
+  the shapes while tracing and raises where they do not fit.
+  """
+  if q.dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+    except (NotImplementedError, RuntimeError, ValueError):
+      pass
+  return jax.nn.dot_product_attention(q, k, v, implementation='xla')
 
 
 class Attention(nn.Module):
@@ -260,9 +277,28 @@ class Block(nn.Module):
     return x, x
 
 
+# The policies of jax.checkpoint_policies that take no arguments: what a
+# rematerialised block keeps from its forward pass (model.remat_policy).
+REMAT_POLICIES = tuple(n for n in (
+    'nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+    'everything_saveable', 'checkpoint_dots',
+    'checkpoint_dots_with_no_batch_dims')
+                       if hasattr(jax.checkpoint_policies, n))
+
+
+def checkpoint_policy(name: str):
+  """jax.checkpoint_policies.<name>, or one line naming the known ones."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'unknown model.remat_policy {name!r}; known: '
+                     f'{", ".join(REMAT_POLICIES)}')
+  return getattr(jax.checkpoint_policies, name)
+
+
 class Transformer(nn.Module):
   """A stack of blocks, unrolled (blocks_0, blocks_1, ...) or scanned (blocks).
 
+  With `remat`, each block is rematerialised under `remat_policy` (a name in
+  `REMAT_POLICIES`: what the backward pass may keep instead of recomputing).
   Returns the final tokens and the output of every block, (depth, B, N, D).
   """
   depth: int
@@ -273,12 +309,14 @@ class Transformer(nn.Module):
   scan: bool = False
   remat: bool = False
   dtype: Dtype = jnp.float32
+  remat_policy: str = 'nothing_saveable'
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     rates = [self.drop_path * i / max(self.depth - 1, 1)
              for i in range(self.depth)]
-    block = nn.remat(Block) if self.remat else Block
+    block = (nn.remat(Block, policy=checkpoint_policy(self.remat_policy))
+             if self.remat else Block)
     kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                   norm_eps=self.norm_eps,
                   use_drop_path=train and self.drop_path > 0, dtype=self.dtype)
@@ -318,6 +356,7 @@ class Encoder(nn.Module):
   scan: bool = False
   remat: bool = False
   dtype: Dtype = jnp.float32
+  remat_policy: str = 'nothing_saveable'  # with remat (REMAT_POLICIES)
 
   def grid(self, images) -> tuple[int, int]:
     _, h, w, _ = images.shape
@@ -360,7 +399,8 @@ class Encoder(nn.Module):
     x = constrain(x, ('batch', 'length', 'embed'))
     x, layers = Transformer(
         self.depth, self.num_heads, self.mlp_ratio, self.norm_eps,
-        self.drop_path, self.scan, self.remat, self.dtype, name='transformer',
+        self.drop_path, self.scan, self.remat, self.dtype,
+        remat_policy=self.remat_policy, name='transformer',
     )(x, train=train)
     if self.final_norm:
       x = layer_norm('norm', self.norm_eps, self.dtype)(x)

@@ -1,1 +1,2 @@
-"""Command-line tools: memory check."""
+"""Command-line tools: memory check (memcheck), collectives and FLOP model
+(scaling)."""

@@ -30,16 +30,22 @@ def total_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
+# Examples per epoch the schedules are built for: ImageNet-1k's train split.
+# Only the learning-rate schedule depends on it; it must keep epochs × steps
+# per epoch within int32 down to one image per step.
+NUM_TRAIN = 1_281_167
+
+
 def compile_step(config, stage: str = 'pretrain', num_classes: int = 1000):
   """The stage's train step compiled ahead of time, its abstract state and
   its mesh."""
   config_lib.validate(config, *sharding.topology())
   mesh, rules = build.setup(config)
   if stage == 'pretrain':
-    recipe = trainers.pretrain_recipe(config, mesh, num_train=10**9)
+    recipe = trainers.pretrain_recipe(config, mesh, num_train=NUM_TRAIN)
     batch_size = config.pretrain.batch_size
   else:
-    recipe = trainers.finetune_recipe(config, mesh, 10**9, num_classes)
+    recipe = trainers.finetune_recipe(config, mesh, NUM_TRAIN, num_classes)
     batch_size = config.finetune.batch_size
   state, shardings = state_lib.abstract(recipe.init_variables, recipe.tx,
                                         config.seed, mesh, rules)

@@ -32,7 +32,8 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
                evaluators: Sequence = (), log_every: int = 50,
                checkpoint_every: int = 1000, keep_checkpoints: int = 3,
                score_key: str | None = None, meta: dict | None = None,
-               stop_at_step: int = 0, about: str = ''):
+               stop_at_step: int = 0, about: str = '',
+               profile_steps: Sequence[int] | None = None):
   """Runs (or resumes) `total_steps` steps; returns (state, summary dict).
 
   `batches(start_step)` yields this process's rows of each global batch from
@@ -45,7 +46,8 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
   parameter table goes to `<workdir>/parameters.txt`. A non-finite step leaves the state unchanged and stops
   the run at the next check with the step and the last finite metrics.
   `stop_at_step` > 0 ends this invocation there, checkpointed, to be resumed
-  (e.g. within a scheduler's time limit).
+  (e.g. within a scheduler's time limit). `profile_steps` (first, last):
+  a jax.profiler trace of those steps in `<workdir>/profile`.
   """
   out = checkpoint.resolve(workdir)
   if jax.process_index() == 0:
@@ -90,40 +92,46 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
     console.say(f'{name}: steps {start + 1}-{end} of {total_steps}'
                 f'{" (resumed)" if start else ""}{about}, mesh '
                 f'{dict(mesh.shape)}')
-  for step in range(start + 1, end + 1):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      batch = sharding.global_batch(next(data), mesh)
-      state, metrics = train_step(state, batch)
-    first_bad = jnp.where((first_bad < 0) & ~metrics['finite'], step,
-                          first_bad)
-    progress(step)
-    is_last = step == total_steps
-    if step % log_every == 0 or step == end or step % checkpoint_every == 0:
-      metrics = jax.device_get(metrics)
-      check(step, metrics)
-      scalars = _scalars(metrics)
-      if lr_at is not None:
-        scalars['lr'] = lr_at(step)
-      writer.write_scalars(step, scalars)
-      if step % log_every == 0 or step == end:
-        console.progress(step, end, scalars['loss'],
-                         batch['image'].shape[0])
-    due = [e for e in evaluators
-           if is_last or (e.every and step % e.every == 0)]
-    results = {}
-    for evaluator in due:
-      results.update(evaluator.run(step, state, writer))
-    if results:
-      writer.write_scalars(step, results)
-      console.say(f'{name} step {step}: ' + ', '.join(
-          f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
-          for k, v in results.items()))
-      summary.update(results)
-      if score_key in results:
-        ckpts.save_best(step, state, results[score_key])
-    if step % checkpoint_every == 0 or step == end:
-      ckpts.save(step, state, {'step': step, 'data_position': step,
-                               **(meta or {})}, force=step == end)
+  profiler = Profiler(name, profile_steps, out / 'profile', console.say)
+  try:
+    for step in range(start + 1, end + 1):
+      profiler.before(step)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = sharding.global_batch(next(data), mesh)
+        state, metrics = train_step(state, batch)
+      profiler.after(step, end, state)
+      first_bad = jnp.where((first_bad < 0) & ~metrics['finite'], step,
+                            first_bad)
+      progress(step)
+      is_last = step == total_steps
+      if step % log_every == 0 or step == end or step % checkpoint_every == 0:
+        metrics = jax.device_get(metrics)
+        check(step, metrics)
+        scalars = _scalars(metrics)
+        if lr_at is not None:
+          scalars['lr'] = lr_at(step)
+        writer.write_scalars(step, scalars)
+        if step % log_every == 0 or step == end:
+          console.progress(step, end, scalars['loss'],
+                           batch['image'].shape[0])
+      due = [e for e in evaluators
+             if is_last or (e.every and step % e.every == 0)]
+      results = {}
+      for evaluator in due:
+        results.update(evaluator.run(step, state, writer))
+      if results:
+        writer.write_scalars(step, results)
+        console.say(f'{name} step {step}: ' + ', '.join(
+            f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
+            for k, v in results.items()))
+        summary.update(results)
+        if score_key in results:
+          ckpts.save_best(step, state, results[score_key])
+      if step % checkpoint_every == 0 or step == end:
+        ckpts.save(step, state, {'step': step, 'data_position': step,
+                                 **(meta or {})}, force=step == end)
+  finally:
+    profiler.close()
   console.done()
   ckpts.close()
   writer.flush()
@@ -135,6 +143,38 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
   elif (out / 'summary.json').exists():
     summary = json.loads((out / 'summary.json').read_text())
   return state, summary
+
+
+class Profiler:
+  """A jax.profiler trace of training steps first..last (1-based, both
+  included) into `path`, for TensorBoard's Profile tab; one console line
+  when it is written. A resumed stage traces what is left of the range; a
+  stage that ends inside it (stop_at_step) stops the trace there."""
+
+  def __init__(self, name: str, steps: Sequence[int] | None, path,
+               say: Callable[[str], None]):
+    self.name, self.path, self.say = name, path, say
+    self.first, self.last = tuple(steps) if steps else (0, -1)
+    self.started = None  # the step the open trace began at
+
+  def before(self, step: int):
+    if self.started is None and self.first <= step <= self.last:
+      jax.profiler.start_trace(str(self.path))
+      self.started = step
+
+  def after(self, step: int, end: int, state):
+    if self.started is not None and (step >= self.last or step >= end):
+      jax.block_until_ready(state)  # the traced steps have run on device
+      jax.profiler.stop_trace()
+      self.say(f'{self.name}: profile of steps {self.started}-{step} in '
+               f'{self.path} (tensorboard --logdir {self.path}, Profile tab)')
+      self.started = None
+
+  def close(self):
+    """Ends a trace left open by an error (nothing to say about it)."""
+    if self.started is not None:
+      self.started = None
+      jax.profiler.stop_trace()
 
 
 class Console:

@@ -213,6 +213,7 @@ def run_stage(name: str, config, workdir: str, recipe: Recipe, batches,
       stop_at_step=config.stop_at_step,
       checkpoint_every=config.checkpoint_every,
       keep_checkpoints=config.keep_checkpoints,
+      profile_steps=config.get('profile_steps'),
       about=f' on {data.name} ({data.train_split})')
 
 

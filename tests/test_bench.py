@@ -1,0 +1,99 @@
+"""benchmarks/run.py (`make bench`): the FLOP count it reports
+(mimjax.flops), and a --quick run end to end. No speed is asserted: only that every number is there and sane."""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from fast_jit import FAST
+from mimjax import flops
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / 'benchmarks' / 'run.py'
+
+
+
+
+def _importable(*names):
+  return all(importlib.util.find_spec(n) is not None for n in names)
+
+
+def test_flops_of_vit_b16_match_the_published_count():
+  # ViT-B/16 at 224px: 17.6 GMACs forward (DeiT, fvcore), i.e. 35.2 GFLOPs.
+  forward = flops.classifier_flops('B', 16)['forward']
+  assert forward == pytest.approx(35.2e9, rel=0.01)
+  # MAE: the encoder sees 49 + 1 of 197 tokens; with the 512x8 decoder the
+  # step is well under the supervised one.
+  assert 0.4 < flops.mae_flops('B', 16)['train'] / (3 * forward) < 0.7
+
+
+def test_peak_table():
+  assert flops.peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
+  assert flops.peak_tflops('NVIDIA H200') == 989.0
+  assert flops.peak_tflops('NVIDIA A100-SXM4-40GB') == 312.0
+  assert flops.peak_tflops('TPU v5 lite') == 197.0
+  assert flops.peak_tflops('TPU v5p') == 459.0
+  assert flops.peak_tflops('TPU v4') == 275.0
+  assert flops.peak_tflops('cpu') is None
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_quick_run(tmp_path):
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ)
+  # Compile the tiny steps fast (tests/fast_jit.py): compile times are
+  # reported, not judged.
+  flags = ' '.join(f'--{k}={str(v).lower() if isinstance(v, bool) else v}'
+                   for k, v in FAST.items())
+  env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {flags}'.strip()
+  proc = subprocess.run(
+      [sys.executable, str(SCRIPT), '--quick', '--out', str(out)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+  def strict(name):
+    raise ValueError(f'{name} in the JSON record')
+  record = json.loads(out.read_text(), parse_constant=strict)
+  assert record['quick'] is True
+  for key in ('jax', 'jaxlib', 'flax'):
+    assert record['versions'][key]
+  assert record['device']['count'] >= 1 and record['device']['kind']
+  configs = record['configurations']
+  names = [c['name'] for c in configs]
+  assert names[:2] == ['ViT-B/16 MAE pre-train', 'ViT-B/16 fine-tune']
+  has_peer = _importable('torch', 'transformers')
+  has_tf = _importable('tensorflow', 'tensorflow_datasets')
+  for c in configs:
+    for key in ('img_per_s', 'step_s', 'compile_unrolled_s',
+                'compile_scanned_s', 'lower_unrolled_s', 'lower_scanned_s',
+                'model_flops_per_step', 'achieved_tflops'):
+      assert _positive(c[key]), (c['name'], key, c[key])
+    assert len(c['step_s_all']) >= 5
+    assert c['timed'] in ('unrolled', 'scanned')
+    assert c['xla_flops_per_step'] is None or _positive(
+        c['xla_flops_per_step'])
+    assert c['compiled_gib'] is None or _positive(c['compiled_gib'])
+    assert math.isfinite(c['loss'])
+    if has_tf:
+      assert _positive(c['input_img_per_s']), c['input_note']
+    if has_peer:
+      assert _positive(c['peer_img_per_s']), c['peer_note']
+      assert c['ratio'] == pytest.approx(c['img_per_s'] / c['peer_img_per_s'])
+    else:
+      assert c['peer_img_per_s'] is None and c['ratio'] is None
+  ratio_lines = [l for l in proc.stdout.splitlines()
+                 if l.strip().startswith('ratio mimjax/PyTorch: ')]
+  if has_peer:
+    assert len(ratio_lines) == len(configs), proc.stdout
+  else:
+    assert not ratio_lines and 'PyTorch peer skipped' in proc.stdout
+  assert f'JSON record: {out}' in proc.stdout
