@@ -175,9 +175,10 @@ def attend(q, k, v):
   On GPU, `jax.nn.dot_product_attention`: cuDNN's fused kernel where it
   applies (bf16/fp16; `gpu_attention`), XLA's otherwise. Elsewhere XLA as
   written here: heads-major operands keep the batched matmuls free of
-  transposes, and the (B, H, N, d) output is normalised instead of the
-  (B, H, N, N) probabilities, a pass fewer over the largest tensor
-  (docs/performance.md).
+  transposes (docs/performance.md). jax.nn.softmax's backward keeps the
+  key bias's gradient at zero up to rounding, as it is in exact arithmetic;
+  normalising after the weighted sum instead left noise there that Adam
+  turns into steps of the learning rate's size.
   """
   if jax.default_backend() == 'gpu':
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
@@ -185,11 +186,8 @@ def attend(q, k, v):
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   scores = jnp.einsum('bhqd,bhkd->bhqk', q, k,
                       preferred_element_type=jnp.float32)
-  scores = scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True))
-  weights = jnp.exp(scores)
-  out = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return (out / weights.sum(-1, keepdims=True)).astype(q.dtype)
+  weights = jax.nn.softmax(scores).astype(v.dtype)
+  return jnp.einsum('bhqk,bhkd->bhqd', weights, v)
 
 
 def gpu_attention(q, k, v):

@@ -1,0 +1,111 @@
+"""Where a train step's time goes: a jax.profiler trace of the recipe's real
+step (as `make bench` builds it), summed per kind of XLA operation.
+
+  python benchmarks/profile_step.py [--kind=pretrain|finetune] [--batch=16]
+      [--steps=2] [--top=15] [--trace_dir=DIR]
+
+Prints, per step: the time of each operation kind (an XLA op name without
+its numeric suffix: `ynn_fusion` is a matmul run by YNNPACK, `dot` one run
+by Eigen, `*_fusion` XLA's own loops), its share of all operation time, and
+how often it ran; then the wall time. Operation times on different threads
+overlap, so their sum can exceed the wall time. The trace stays in
+--trace_dir for TensorBoard's profile plugin (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run as bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Trace events that are not XLA operations (executor, Python, runtime).
+NOT_OPS = ('ThunkExecutor', '$', 'SlinkyThreadPool', 'ThreadpoolListener',
+           'end:', 'PjitFunction', 'CommonPjRt', 'ParseArguments',
+           'Handle inputs', 'TfrtCpu')
+
+
+def op_times(trace_dir: str, steps: int) -> collections.Counter:
+  """Seconds per step of each operation kind in the trace under trace_dir."""
+  path = sorted(glob.glob(os.path.join(trace_dir, 'plugins', 'profile', '*',
+                                       '*.trace.json.gz')))[-1]
+  with gzip.open(path) as f:
+    events = json.load(f)['traceEvents']
+  times, counts = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get('ph') != 'X' or e['name'].startswith(NOT_OPS):
+      continue
+    kind = re.sub(r'\.\d+$', '', e['name'])
+    times[kind] += e['dur'] / 1e6 / steps
+    counts[kind] += 1
+  return times, counts
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--kind', default='pretrain',
+                      choices=('pretrain', 'finetune'))
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--steps', type=int, default=2)
+  parser.add_argument('--top', type=int, default=15)
+  parser.add_argument('--quick', action='store_true', help='tiny sizes')
+  parser.add_argument('--trace_dir', default='')
+  args = parser.parse_args(argv)
+  from mimjax import build, sharding  # pylint: disable=g-import-not-at-top
+  from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  bench = next(b for b in bench_lib.benches(on_cpu=True)
+               if b.kind == args.kind)
+  dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  config = bench_lib.make_config(bench, args.batch, dtype, args.quick)
+  mesh, rules = build.setup(config)
+  recipe = bench_lib._recipe(bench, config, mesh)  # pylint: disable=protected-access
+  state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
+                                      config.seed, mesh, rules)
+  step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings,
+                                   mesh, rules)
+  size, rng = recipe.image_size, np.random.default_rng(0)
+  batch = sharding.global_batch({
+      'image': rng.standard_normal((args.batch, size, size, 3), np.float32),
+      'label': rng.integers(0, 1000, (args.batch,), np.int32)}, mesh)
+  for _ in range(2):  # compile, warm up
+    state, metrics = step(state, batch)
+  jax.block_until_ready((state, metrics))
+
+  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix='mimjax_profile_')
+  jax.profiler.start_trace(trace_dir)
+  start = time.perf_counter()
+  for _ in range(args.steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready((state, metrics))
+  wall = (time.perf_counter() - start) / args.steps
+  jax.profiler.stop_trace()
+
+  times, counts = op_times(trace_dir, args.steps)
+  total = sum(times.values())
+  print(f'{bench.name}, batch {args.batch}, {dtype}, on '
+        f'{jax.devices()[0].device_kind}: {args.steps} profiled steps')
+  print(f'  {"ms/step":>9}  {"share":>6}  {"count":>6}  operation kind')
+  for kind, t in times.most_common(args.top):
+    print(f'  {t * 1e3:9.1f}  {100 * t / total:5.1f}%  '
+          f'{counts[kind] // args.steps:6d}  {kind}')
+  print(f'  {total * 1e3:9.1f}  100.0%          all operations (threads '
+        'overlap)')
+  print(f'  {wall * 1e3:9.1f}                  wall time per step')
+  print(f'trace: {trace_dir} (tensorboard --logdir {trace_dir})')
+
+
+if __name__ == '__main__':
+  main()
