@@ -37,11 +37,11 @@ import re
 import runpy
 import shlex
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from mimjax.tools import scaling
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / 'docs').glob('*.md'))
@@ -144,16 +144,7 @@ def parameter_counts(config) -> dict[str, int]:
   key = (config.model.to_json(), config.pretrain.decoder.to_json(),
          config.pretrain.data.image_size)
   if key not in _COUNTS:
-    from mimjax import build  # pylint: disable=g-import-not-at-top
-    model = build.mim_model(config)
-    size = config.pretrain.data.image_size
-    variables = jax.eval_shape(
-        lambda rng: model.init({'params': rng, 'mask': rng},
-                               jnp.zeros((1, size, size, 3))),
-        jax.random.key(0))
-    _COUNTS[key] = {
-        name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-        for name, tree in nn.meta.unbox(variables['params']).items()}
+    _COUNTS[key] = scaling.parameter_counts(config)
   return _COUNTS[key]
 
 
@@ -265,7 +256,6 @@ def check_scaling_command(command: str):
 def test_flop_tables_match_the_command():
   """Every table derived by `mimjax.tools.scaling --table` is what the
   command prints now."""
-  from mimjax.tools import scaling  # pylint: disable=g-import-not-at-top
   printed = scaling.tables()
   found = 0
   for name in STRICT:

@@ -11,20 +11,13 @@ it, the real local devices are used.
 
 from __future__ import annotations
 
-import os
 import sys
 
 
-def _simulate_devices(argv):
-  for arg in argv:
-    if arg.startswith('--devices='):
-      count = int(arg.split('=', 1)[1])
-      os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                                 f' --xla_force_host_platform_device_count={count}')
-      os.environ['JAX_PLATFORMS'] = 'cpu'
+from mimjax.tools import simulate_devices  # pylint: disable=g-import-not-at-top
 
 
-_simulate_devices(sys.argv)
+simulate_devices(sys.argv)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags

@@ -47,22 +47,15 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 import re
 import sys
 
 
-def _simulate_devices(argv):
-  for arg in argv:
-    if arg.startswith('--devices='):
-      count = int(arg.split('=', 1)[1])
-      os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                                 f' --xla_force_host_platform_device_count={count}')
-      os.environ['JAX_PLATFORMS'] = 'cpu'
+from mimjax.tools import simulate_devices  # pylint: disable=g-import-not-at-top
 
 
 if __name__ == '__main__':
-  _simulate_devices(sys.argv)
+  simulate_devices(sys.argv)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from mimjax import flops
@@ -330,8 +323,10 @@ def time_table(sizes=SIZES, chips=PODS, peaks=None, mfus=MFUS) -> str:
   return '\n'.join(rows)
 
 
-def parameter_count(config) -> int:
-  """Parameters of the pre-training model, from shapes only."""
+def parameter_counts(config) -> dict[str, int]:
+  """Parameters of the pre-training model per top-level module (encoder,
+  decoder), from shapes only."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -342,7 +337,12 @@ def parameter_count(config) -> int:
       lambda rng: model.init({'params': rng, 'mask': rng},
                              jnp.zeros((1, size, size, 3))),
       jax.random.key(0))
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
+  return {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+          for name, tree in nn.meta.unbox(variables['params']).items()}
+
+
+def parameter_count(config) -> int:
+  return sum(parameter_counts(config).values())
 
 
 def ring_bytes(num_params: int, data: int, fsdp: int,
