@@ -76,6 +76,11 @@ def parse_args(argv=None):
                  default=True, help='also time the HF PyTorch peer')
   p.add_argument('--peer_compile', action='store_true',
                  help='torch.compile the peer')
+  p.add_argument('--profile', type=int, default=0, metavar='N',
+                 help='also trace N more mimjax steps with jax.profiler and '
+                 'print where their time goes (trace_summary.py)')
+  p.add_argument('--top', type=int, default=12,
+                 help='operation kinds printed per timeline line')
   p.add_argument('--timeout', type=int, default=420,
                  help='seconds for both sides together')
   p.add_argument('--strict', action='store_true',
@@ -233,6 +238,8 @@ def run_mimjax(args) -> dict:
         f'{traced:.1f} s)', flush=True)
   cudnn = cudnn_attention(device.platform, compiled, lowered)
   print(f'mimjax: cuDNN attention: {cudnn}', flush=True)
+  if device.platform == 'gpu':
+    attention_parity(args, dtype)
 
   holder = {'state': state}
 
@@ -250,8 +257,25 @@ def run_mimjax(args) -> dict:
   print(f'mimjax: peak memory {size(peak)} (device.memory_stats), XLA '
         f'temp {size(temp)}; loss after {args.warmup + args.steps + 1} '
         f'steps {loss:.4f}', flush=True)
+  if args.profile:
+    profile(one_step, args.profile, args.top, device.platform != 'cpu')
   return dict(result, compile_s=compile_s, cudnn=cudnn, peak_bytes=peak,
               params_fp32=fp32, pulled=pulled, loss=loss, jax=jax.__version__)
+
+
+def profile(one_step, steps: int, top: int, device: bool) -> None:
+  """Traces `steps` steps and prints each timeline line's top kinds."""
+  import jax  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import trace_summary  # pylint: disable=g-import-not-at-top
+  trace_dir = tempfile.mkdtemp(prefix='gpu_check_profile_')
+  jax.profiler.start_trace(trace_dir)
+  for _ in range(steps):
+    jax.block_until_ready(one_step())
+  jax.profiler.stop_trace()
+  print(f'mimjax: profile of {steps} steps ({trace_dir}):', flush=True)
+  trace_summary.report(trace_summary.lines(trace_dir, steps, device), top,
+                       prefix='mimjax:   ')
 
 
 def _jaxlib() -> str:
@@ -291,6 +315,50 @@ def cudnn_attention(platform: str, compiled, lowered) -> str:
     return 'no (no __cudnn$fmha custom call in the step: XLA attention)'
   kinds = ', '.join(f'{k} x{found.count(k)}' for k in sorted(set(found)))
   return f'yes ({kinds})'
+
+
+def attention_parity(args, dtype) -> None:
+  """Prints how far vit.gpu_attention (cuDNN where it runs) at the step's
+  encoder and decoder shapes lies from float32 XLA attention, forward and
+  gradient, as the largest error over the largest reference value."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mimjax.models import vit  # pylint: disable=g-import-not-at-top
+  width, _, heads = vit.PRESETS[args.size]
+  patches = (args.image // args.patch) ** 2
+  visible = 1 + patches - int(patches * args.mask_ratio)
+  batch = min(args.batch, 32)
+  for name, shape in (
+      ('encoder', (batch, visible, heads, width // heads)),
+      ('decoder', (batch, 1 + patches, args.dec_heads,
+                   args.dec_width // args.dec_heads))):
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, cot = (jax.random.normal(key, shape) for key in keys)
+
+    def loss(fn, cast, *x):
+      return (fn(*(y.astype(cast) for y in x)).astype(jnp.float32) * cot).sum()
+
+    fast = jax.jit(jax.value_and_grad(
+        lambda *x: loss(vit.gpu_attention, dtype, *x), argnums=(0, 1, 2)))
+    slow = jax.jit(jax.value_and_grad(
+        lambda *x: loss(lambda *y: jax.nn.dot_product_attention(
+            *y, implementation='xla'), jnp.float32, *x), argnums=(0, 1, 2)))
+    used = 'cuDNN' if '__cudnn$fmha' in fast.lower(q, k, v).as_text() else (
+        'XLA')
+    (_, got), (_, want) = fast(q, k, v), slow(q, k, v)
+    out_err = _relative(jax.jit(vit.gpu_attention)(
+        *(x.astype(dtype) for x in (q, k, v))),
+                        jax.nn.dot_product_attention(q, k, v))
+    grad_err = max(_relative(g, w) for g, w in zip(got, want))
+    print(f'mimjax: attention {name} {shape} {dtype.name} via {used} vs '
+          f'float32 XLA: output {out_err:.1e}, gradients {grad_err:.1e} '
+          '(max error / max value)', flush=True)
+
+
+def _relative(got, want) -> float:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  got, want = (np.asarray(x, np.float32) for x in (got, want))
+  return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 # ------------------------------------------------------------- the peer

@@ -15,12 +15,7 @@ overlap, so their sum can exceed the wall time. The trace stays in
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
-import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -30,27 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# Trace events that are not XLA operations (executor, Python, runtime).
-NOT_OPS = ('ThunkExecutor', '$', 'SlinkyThreadPool', 'ThreadpoolListener',
-           'end:', 'PjitFunction', 'CommonPjRt', 'ParseArguments',
-           'Handle inputs', 'TfrtCpu')
-
-
-def op_times(trace_dir: str, steps: int) -> collections.Counter:
-  """Seconds per step of each operation kind in the trace under trace_dir."""
-  path = sorted(glob.glob(os.path.join(trace_dir, 'plugins', 'profile', '*',
-                                       '*.trace.json.gz')))[-1]
-  with gzip.open(path) as f:
-    events = json.load(f)['traceEvents']
-  times, counts = collections.Counter(), collections.Counter()
-  for e in events:
-    if e.get('ph') != 'X' or e['name'].startswith(NOT_OPS):
-      continue
-    kind = re.sub(r'\.\d+$', '', e['name'])
-    times[kind] += e['dur'] / 1e6 / steps
-    counts[kind] += 1
-  return times, counts
+import trace_summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main(argv=None):
@@ -93,14 +68,15 @@ def main(argv=None):
   wall = (time.perf_counter() - start) / args.steps
   jax.profiler.stop_trace()
 
-  times, counts = op_times(trace_dir, args.steps)
+  times, counts = trace_summary.lines(trace_dir, args.steps, device=False)[
+      'host']
   total = sum(times.values())
   print(f'{bench.name}, batch {args.batch}, {dtype}, on '
         f'{jax.devices()[0].device_kind}: {args.steps} profiled steps')
   print(f'  {"ms/step":>9}  {"share":>6}  {"count":>6}  operation kind')
   for kind, t in times.most_common(args.top):
     print(f'  {t * 1e3:9.1f}  {100 * t / total:5.1f}%  '
-          f'{counts[kind] // args.steps:6d}  {kind}')
+          f'{counts[kind]:6.0f}  {kind}')
   print(f'  {total * 1e3:9.1f}  100.0%          all operations (threads '
         'overlap)')
   print(f'  {wall * 1e3:9.1f}                  wall time per step')

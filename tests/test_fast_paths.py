@@ -1,6 +1,7 @@
-"""The CPU step's faster formulations (docs/performance.md) compute what the
-plain ones compute: heads-major attention normalised after the weighted sum,
-q, k and v as one matmul, and GELU through erf."""
+"""The step's faster formulations (docs/performance.md) compute what the
+plain ones compute: heads-major attention on CPU, the token-major layout
+and padded odd lengths that cuDNN gets on GPU, q, k and v as one matmul,
+and GELU through erf."""
 
 import flax.linen as nn
 import jax
@@ -31,6 +32,32 @@ def test_attention_and_its_gradient_match_jax(shape):
                                         q, k, v)
     for got, want in zip(grads, expected):
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_odd_lengths_padded_for_cudnn_are_masked_out():
+  keys = jax.random.split(jax.random.key(1), 4)
+  shape = (2, 197, 4, 8)  # (B, N, heads, head_dim), as cuDNN takes them
+  q, k, v, cotangent = (jax.random.normal(key, shape) for key in keys)
+  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
+  padded = lambda q, k, v: vit.cudnn_attention(q, k, v, implementation='xla')
+  np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-5,
+                             atol=1e-5)
+  for fn_grads in zip(*(jax.grad(lambda *x, fn=fn: (fn(*x) * cotangent).sum(),
+                                 argnums=(0, 1, 2))(q, k, v)
+                        for fn in (padded, plain))):
+    np.testing.assert_allclose(*fn_grads, rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_layout_computes_the_cpu_layout(monkeypatch):
+  """Attention's token-major GPU layout (cuDNN's) gives the heads-major
+  result with the same parameters (fp32 takes XLA's attention there)."""
+  x = jax.random.normal(jax.random.key(2), (2, 9, 16))
+  attention = vit.Attention(num_heads=4)
+  params = attention.init(jax.random.key(3), x)
+  want = attention.apply(params, x)
+  monkeypatch.setattr(vit.jax, 'default_backend', lambda: 'gpu')
+  np.testing.assert_allclose(attention.apply(params, x), want, rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_attention_is_stable_for_large_scores():

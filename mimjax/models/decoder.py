@@ -47,7 +47,8 @@ class Decoder(nn.Module):
     patches = jnp.concatenate([x[:, 1:], fill.astype(x.dtype)], axis=1)
     patches = vit.gather_tokens(patches, ids_restore)
     x = jnp.concatenate([x[:, :1], patches], axis=1)
-    x = x + jnp.asarray(vit.posemb_sincos_2d(grid, self.width))[None]
+    x = x + jnp.asarray(vit.posemb_sincos_2d(grid, self.width),
+                        x.dtype)[None]
     x = vit.constrain(x, ('batch', 'length', 'embed'))
     x, _ = vit.Transformer(
         self.depth, self.num_heads, self.mlp_ratio, self.norm_eps,

@@ -135,6 +135,27 @@ def drop_path(module: nn.Module, x, rate, active: bool):
   return jnp.where(mask, x / keep, 0.0)
 
 
+class PatchEmbed(nn.Module):
+  """The patch projection with nn.Conv's parameters (kernel (p, p, C, D),
+  bias), applied as a matmul to (B, K, p*p*C) patches: the same map as the
+  strided convolution, run only on the patches the encoder keeps."""
+  patch_size: int
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, patches):
+    p = self.patch_size
+    kernel = self.param(
+        'kernel', logical(patch_init, (None, None, 'channels', 'embed')),
+        (p, p, patches.shape[-1] // (p * p), self.width))
+    bias = self.param('bias', logical(nn.initializers.zeros, ('embed',)),
+                      (self.width,))
+    kernel = kernel.reshape(-1, self.width).astype(self.dtype)
+    return (jnp.einsum('bkp,pd->bkd', patches.astype(self.dtype), kernel) +
+            bias.astype(self.dtype))
+
+
 class HeadsWeights(nn.Module):
   """The kernel (D, heads, head_dim) and bias (heads, head_dim) of the query,
   key or value projection: explicit 3-D kernels, so that each axis carries
@@ -154,35 +175,32 @@ class HeadsWeights(nn.Module):
 
 
 class HeadsOut(nn.Module):
-  """(B, heads, N, head_dim) -> (B, N, width), with a 3-D kernel."""
+  """(B, heads, N, head_dim), or (B, N, heads, head_dim) when not
+  `heads_major`, -> (B, N, width), with a 3-D kernel."""
   width: int
   dtype: Dtype = jnp.float32
+  heads_major: bool = True
 
   @nn.compact
   def __call__(self, x):
-    heads = (x.shape[1], x.shape[3])
+    spec = 'bhnk' if self.heads_major else 'bnhk'
+    heads = (x.shape[spec.index('h')], x.shape[3])
     kernel = self.param('kernel', logical(out_init, ('heads', 'kv', 'embed')),
                         (*heads, self.width))
     bias = self.param('bias', logical(nn.initializers.zeros, ('embed',)),
                       (self.width,))
-    return (jnp.einsum('bhnk,hkd->bnd', x.astype(self.dtype),
+    return (jnp.einsum(f'{spec},hkd->bnd', x.astype(self.dtype),
                        kernel.astype(self.dtype)) + bias.astype(self.dtype))
 
 
 def attend(q, k, v):
-  """softmax(q kᵀ / √d) v over heads-major (B, heads, N, head_dim) inputs.
-
-  On GPU, `jax.nn.dot_product_attention`: cuDNN's fused kernel where it
-  applies (bf16/fp16; `gpu_attention`), XLA's otherwise. Elsewhere XLA as
-  written here: heads-major operands keep the batched matmuls free of
-  transposes (docs/performance.md). jax.nn.softmax's backward keeps the
-  key bias's gradient at zero up to rounding, as it is in exact arithmetic;
-  normalising after the weighted sum instead left noise there that Adam
-  turns into steps of the learning rate's size.
+  """softmax(q kᵀ / √d) v over heads-major (B, heads, N, head_dim) inputs,
+  as XLA runs best on CPU: heads-major operands keep the batched matmuls
+  free of transposes (docs/performance.md). jax.nn.softmax's backward keeps
+  the key bias's gradient at zero up to rounding, as it is in exact
+  arithmetic; normalising after the weighted sum instead left noise there
+  that Adam turns into steps of the learning rate's size.
   """
-  if jax.default_backend() == 'gpu':
-    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-    return gpu_attention(q, k, v).transpose(0, 2, 1, 3)
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   scores = jnp.einsum('bhqd,bhkd->bhqk', q, k,
                       preferred_element_type=jnp.float32)
@@ -200,15 +218,33 @@ def gpu_attention(q, k, v):
   """
   if q.dtype in (jnp.bfloat16, jnp.float16):
     try:
-      return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+      return cudnn_attention(q, k, v)
     except (NotImplementedError, RuntimeError, ValueError):
       pass
   return jax.nn.dot_product_attention(q, k, v, implementation='xla')
 
 
+def cudnn_attention(q, k, v, implementation='cudnn'):
+  """cuDNN's flash attention. jax refuses it for training at an odd length
+  (the MAE decoder's 1 + 196 tokens), so such inputs get one more token,
+  masked out as padding (query and key lengths), and lose it again.
+  (`implementation='xla'` runs the same padding through XLA, for tests.)"""
+  n = q.shape[1]
+  if n % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v,
+                                        implementation=implementation)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
+  lengths = jnp.full((q.shape[0],), n, jnp.int32)
+  out = jax.nn.dot_product_attention(
+      pad(q), pad(k), pad(v), query_seq_lengths=lengths,
+      key_value_seq_lengths=lengths, implementation=implementation)
+  return out[:, :n]
+
+
 class Attention(nn.Module):
   """Multi-head self-attention; q, k and v keep separate parameters but
-  run as one matmul."""
+  run as one matmul. On GPU the heads follow the tokens, as cuDNN's
+  attention takes them; elsewhere they come first (`attend`)."""
   num_heads: int
   dtype: Dtype = jnp.float32
 
@@ -222,10 +258,15 @@ class Attention(nn.Module):
                for n in ('query', 'key', 'value')]
     kernel = jnp.stack([w for w, _ in weights], axis=1).astype(self.dtype)
     bias = jnp.stack([b for _, b in weights]).astype(self.dtype)
-    qkv = (jnp.einsum('bnd,dthk->tbhnk', x.astype(self.dtype), kernel) +
-           bias[:, None, :, None])
-    q, k, v = (constrain(y, ('batch', 'heads', 'length', 'kv')) for y in qkv)
-    return HeadsOut(width, self.dtype, name='out')(attend(q, k, v))
+    gpu = jax.default_backend() == 'gpu'
+    spec, names, bias = (
+        ('tbnhk', ('batch', 'length', 'heads', 'kv'), bias[:, None, None])
+        if gpu else
+        ('tbhnk', ('batch', 'heads', 'length', 'kv'), bias[:, None, :, None]))
+    qkv = jnp.einsum(f'bnd,dthk->{spec}', x.astype(self.dtype), kernel) + bias
+    q, k, v = (constrain(y, names) for y in qkv)
+    out = gpu_attention(q, k, v) if gpu else attend(q, k, v)
+    return HeadsOut(width, self.dtype, heads_major=not gpu, name='out')(out)
 
 
 class Mlp(nn.Module):
@@ -365,13 +406,8 @@ class Encoder(nn.Module):
   def __call__(self, images, ids_keep: jax.Array | None = None, *,
                train: bool = False):
     grid = self.grid(images)
-    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size,
-                padding='VALID', dtype=self.dtype, name='patch_embed',
-                kernel_init=logical(patch_init,
-                                    (None, None, 'channels', 'embed')),
-                bias_init=logical(nn.initializers.zeros, ('embed',)))(images)
-    b = x.shape[0]
-    x = x.reshape(b, -1, self.width)
+    patches = patchify(images, self.patch_size)
+    b = patches.shape[0]
     if self.posemb == 'sincos':
       pos = jnp.asarray(posemb_sincos_2d(grid, self.width))[None]
     elif self.posemb == 'learn':
@@ -387,9 +423,13 @@ class Encoder(nn.Module):
             '(mimjax.convert.resize_posemb) when loading')
     else:
       raise ValueError(f"posemb must be 'sincos' or 'learn', got {self.posemb!r}")
-    x = x + pos[:, 1:].astype(x.dtype)
-    if ids_keep is not None:
-      x = gather_tokens(x, ids_keep)
+    patch_pos = pos[:, 1:]
+    if ids_keep is not None:  # the projection is per patch: keep, then embed
+      patches = gather_tokens(patches, ids_keep)
+      patch_pos = jnp.take(patch_pos[0], ids_keep, axis=0)
+    x = PatchEmbed(self.patch_size, self.width, self.dtype,
+                   name='patch_embed')(patches)
+    x = x + patch_pos.astype(x.dtype)
     cls = self.param('cls_token', logical(token_init, (None, None, 'embed')),
                      (1, 1, self.width))
     cls = jnp.broadcast_to(cls + pos[:, :1], (b, 1, self.width)).astype(x.dtype)
