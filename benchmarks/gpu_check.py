@@ -3,6 +3,7 @@
   bash benchmarks/gpu_check.sh                # ViT-L/16 MAE, batch 256, on one H100/H200
   bash benchmarks/gpu_check.sh --batch=128    # any flag below
   bash benchmarks/gpu_check.sh --tiny         # the same code, tiny, on CPU (seconds)
+  bash benchmarks/gpu_check.sh --profile=2    # and where 2 more steps spend their time
 
 The model is the reference ViT-L/16 MAE (mask ratio 0.75, decoder 512 wide,
 8 deep, 16 heads, norm-pix loss) at 224 px, computing in bfloat16 on float32

@@ -36,16 +36,17 @@ def block_flops(tokens: int, width: int, mlp_ratio: float = 4.0) -> int:
 def mae_flops(size: str, patch: int, image_size: int = 224,
               mask_ratio: float = 0.75, decoder_width: int = 512,
               decoder_depth: int = 8, channels: int = 3) -> dict:
-  """Per image, MAE pre-training: the patch embedding on every patch (as the
-  reference does), the encoder on the visible patches + cls, the decoder's
-  input projection on those, its blocks on every patch + cls, and its pixel
-  head on every token."""
+  """Per image, MAE pre-training: the patch embedding and the encoder on the
+  visible patches (+ cls), the decoder's input projection on those, its
+  blocks on every patch + cls, and its pixel head on every token. (The
+  reference embeds every patch before masking; mimjax embeds only the kept
+  ones, the same map.)"""
   width, depth, _ = vit.PRESETS[size]
   patches = (image_size // patch) ** 2
   encoder_tokens = masking.num_kept(patches, mask_ratio) + 1
   decoder_tokens = patches + 1
   pixels = patch * patch * channels
-  encoder = (2 * patches * pixels * width
+  encoder = (2 * (encoder_tokens - 1) * pixels * width
              + depth * block_flops(encoder_tokens, width))
   decoder = (2 * encoder_tokens * width * decoder_width
              + decoder_depth * block_flops(decoder_tokens, decoder_width)

@@ -19,7 +19,8 @@ def test_gpu_check_tiny_runs_on_cpu():
          'CUDA_VISIBLE_DEVICES': '', 'TF_CPP_MIN_LOG_LEVEL': '3'}
   env.pop('GPU_CHECK_TINY', None)
   result = subprocess.run(
-      ['bash', os.path.join(REPO, 'benchmarks', 'gpu_check.sh'), '--tiny'],
+      ['bash', os.path.join(REPO, 'benchmarks', 'gpu_check.sh'), '--tiny',
+       '--profile=1'],
       capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
   out = result.stdout
   assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
@@ -28,6 +29,12 @@ def test_gpu_check_tiny_runs_on_cpu():
   assert 'mimjax: cuDNN attention: n/a (cpu)' in out, out
   assert 'mimjax: imports no tensorflow, tfds, clu or ml_collections' in out
   assert 'all float32: yes' in out, out
+  # --profile: the traced step's operations, summed per kind (on CPU, the
+  # host threads' XLA operations).
+  assert re.search(r'^mimjax: profile of 1 steps', out, re.M), out
+  assert re.search(r'^mimjax:   host: [\d.]+ ms per step in \d+ kinds', out,
+                   re.M), out
+  assert re.search(r'^mimjax: +[\d.]+ +[\d.]+% +\d+  \w', out, re.M), out
   if HAVE_PEER:
     assert re.search(r'^peer: [\d.]+ img/s', out, re.M), out
     assert re.search(r'^peer: model FLOPs .* MFU n/a', out, re.M), out

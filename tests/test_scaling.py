@@ -148,10 +148,11 @@ def test_flop_model_counts_the_models_matmuls(size):
 
 
 def test_flop_model_of_vit_b_by_hand():
-  # 12 blocks on 50 tokens at 768, 8 decoder blocks on 197 at 512.
+  # The 49 kept patches embedded, 12 blocks on 50 tokens at 768, 8 decoder
+  # blocks on 197 at 512.
   f = flops.mae_flops('B', 16)
   block = lambda n, d: 24 * n * d * d + 4 * n * n * d
-  assert f['encoder'] == 2 * 196 * 768 * 768 + 12 * block(50, 768)
+  assert f['encoder'] == 2 * 49 * 768 * 768 + 12 * block(50, 768)
   assert f['decoder'] == (2 * 50 * 768 * 512 + 8 * block(197, 512)
                           + 2 * 197 * 512 * 768)
   assert scaling.recipe_flops(scaling.recipe('B'))['steps'] == 800 * 312
