@@ -5,9 +5,7 @@ off CPU, ViT-L/16 MAE pre-training), built from configs/mae_imagenet.py and
 trained by the recipe's own step (`trainers.*_recipe`, `state.create`,
 `state.make_train_step`: sharded, donated), it reports
 
-  * steady-state img/s: batch / median step time after warm-up steps,
-    taking turns with the PyTorch peer's step (mimjax, peer, mimjax, ...),
-    so that a shared machine's drift during the run falls on both alike;
+  * steady-state img/s: batch / median step time after warm-up steps;
   * compile time of the unrolled (model.scan=False) and the scanned
     (model.scan=True) step, lowering timed apart;
   * memory: the compiled step's temp + arguments + outputs (less the donated
@@ -145,24 +143,17 @@ def describe(bench: Bench, s: dict, batch: int) -> str:
 # ------------------------------------------------------------ the mimjax step
 
 
-def take_turns(steps: dict, warmup: int, count: int) -> dict:
-  """{name: the seconds of each of `count` timed calls of steps[name]()}.
-
-  Each step (a function that blocks until its step is done) first runs
-  `warmup` times untimed; then the steps take turns, one call each per
-  round, so that anything else loading the machine meanwhile slows them
-  alike and their ratio stays fair.
-  """
-  for step in steps.values():
-    for _ in range(warmup):
-      step()
-  times = {name: [] for name in steps}
-  for _ in range(count):
-    for name, step in steps.items():
-      start = time.perf_counter()
-      step()
-      times[name].append(time.perf_counter() - start)
-  return times
+def median_step(step, warmup: int, steps: int) -> tuple[float, list[float]]:
+  """Median seconds of `steps` calls of `step()` (which blocks) after
+  `warmup` untimed ones; and all timed seconds."""
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
 
 
 def _cost_flops(compiled) -> float | None:
@@ -206,10 +197,9 @@ def _recipe(bench: Bench, config, mesh):
   return trainers.finetune_recipe(config, mesh, FAKE_NUM_TRAIN, NUM_CLASSES)
 
 
-def bench_mimjax(bench: Bench, args, dtype: str):
-  """Compiles the step unrolled and scanned; readies the one the recipe uses
-  (model.scan) to be timed. Returns (numbers, the shape of what was run,
-  the step, a function that returns its last loss and frees it)."""
+def bench_mimjax(bench: Bench, args, dtype: str) -> tuple[dict, dict]:
+  """Compiles the step unrolled and scanned, times the one the recipe uses
+  (model.scan). Returns (numbers, the shape of what was run)."""
   from mimjax import build, sharding  # pylint: disable=g-import-not-at-top
   from mimjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -264,15 +254,13 @@ def bench_mimjax(bench: Bench, args, dtype: str):
     holder['state'], holder['metrics'] = compiled(holder['state'], batch)
     jax.block_until_ready((holder['state'], holder['metrics']))
 
-  def finish() -> dict:
-    """The last loss and the live peak; frees the step."""
-    done = dict(loss=float(holder['metrics']['loss']),
-                live_peak_gib=_live_peak_gib())
-    holder.clear()
-    gc.collect()
-    return done
-
-  return out, shape_of(config, bench.kind), step, finish
+  median, times = median_step(step, args.warmup, args.steps)
+  out.update(step_s=median, step_s_all=times, img_per_s=args.batch / median,
+             loss=float(holder['metrics']['loss']),
+             live_peak_gib=_live_peak_gib())
+  del holder, compiled, batch, recipe, run
+  gc.collect()
+  return out, shape_of(config, bench.kind)
 
 
 # ------------------------------------------------------------ the input pipeline
@@ -345,10 +333,10 @@ def import_peer():
   return (torch, transformers), None
 
 
-def bench_peer(peer, kind: str, s: dict, batch: int):
+def bench_peer(peer, kind: str, s: dict, batch: int, warmup: int,
+               steps: int) -> dict:
   """The same step in PyTorch: HF ViT(MAE) + AdamW, fp32 on CPU, bf16
-  autocast on CUDA. Returns (a note on it, the step, a function that frees
-  it)."""
+  autocast on CUDA."""
   torch, transformers = peer
   cuda = torch.cuda.is_available()
   device = torch.device('cuda' if cuda else 'cpu')
@@ -372,31 +360,32 @@ def bench_peer(peer, kind: str, s: dict, batch: int):
     model = transformers.ViTForImageClassification(config)
     labels = torch.randint(0, s['num_classes'], (batch,), device=device)
   model.to(device).train()
-  live = dict(model=model, images=torch.randn(batch, 3, s['image'], s['image'],
-                                              device=device),
-              opt=torch.optim.AdamW(model.parameters(), lr=1e-4,
-                                    betas=(0.9, 0.95), weight_decay=0.05))
-  del model
+  images = torch.randn(batch, 3, s['image'], s['image'], device=device)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                          weight_decay=0.05)
 
   def step():
-    live['opt'].zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
       kwargs = {} if labels is None else {'labels': labels}
-      loss = live['model'](pixel_values=live['images'], **kwargs).loss
+      loss = model(pixel_values=images, **kwargs).loss
     loss.backward()
-    live['opt'].step()
+    opt.step()
     if cuda:
       torch.cuda.synchronize()
 
-  def free():
-    live.clear()
+  try:
+    median, times = median_step(step, warmup, steps)
+  finally:
+    del model, opt, images
     gc.collect()
     if cuda:
       torch.cuda.empty_cache()
-
-  note = (f'HF {type(config).__name__[:-6]} + AdamW on {device.type}, '
-          + ('bf16 autocast' if cuda else 'fp32'))
-  return note, step, free
+  return dict(peer_img_per_s=batch / median, peer_step_s=median,
+              peer_step_s_all=times,
+              peer_note=(f'HF {type(config).__name__[:-6]} + AdamW on '
+                         f'{device.type}, '
+                         + ('bf16 autocast' if cuda else 'fp32')))
 
 
 def peer_unavailable(peer, why: str | None) -> str | None:
@@ -492,8 +481,7 @@ def report(bench: Bench, r: dict, batch: int, peak: float | None,
     say(f'  peer      PyTorch peer skipped: {r["peer_note"]}')
   else:
     say(f'  peer      {r["peer_note"]}: {r["peer_img_per_s"]:.1f} img/s '
-        f'(median {1e3 * r["peer_step_s"]:.1f} ms, taking turns with '
-        'mimjax)')
+        f'(median {1e3 * r["peer_step_s"]:.1f} ms)')
     say(f'  ratio mimjax/PyTorch: {r["ratio"]:.2f}x (mimjax '
         f'{r["img_per_s"]:.1f} img/s, PyTorch {r["peer_img_per_s"]:.1f} '
         'img/s)')
@@ -559,30 +547,9 @@ def main(argv=None):
       configurations=[])
   pipelines = {}
   for bench in benches(on_cpu):
-    numbers, shape, step, finish = bench_mimjax(bench, args, dtype)
-    steps, free_peer, peer_note = {'mimjax': step}, None, no_peer
-    if not no_peer:
-      try:
-        peer_note, steps['peer'], free_peer = bench_peer(
-            peer, bench.kind, shape, args.batch)
-      except Exception as e:  # pylint: disable=broad-except
-        peer_note = f'failed: {type(e).__name__}: {str(e)[:200]}'
-    try:
-      times = take_turns(steps, args.warmup, args.steps)
-    except Exception as e:  # pylint: disable=broad-except
-      if 'peer' not in steps:
-        raise
-      # A peer that fails mid-run leaves mimjax timed alone.
-      peer_note = f'failed: {type(e).__name__}: {str(e)[:200]}'
-      steps.pop('peer')
-      times = take_turns(steps, 0, args.steps)
-    if free_peer:
-      free_peer()
-    median = statistics.median(times['mimjax'])
+    numbers, shape = bench_mimjax(bench, args, dtype)
     r = dict(name=bench.name, kind=bench.kind, batch=args.batch, dtype=dtype,
-             shape=shape, device_kind=kind, **numbers, step_s=median,
-             step_s_all=times['mimjax'], img_per_s=args.batch / median,
-             **finish())
+             shape=shape, device_kind=kind, **numbers)
     config = make_config(bench, args.batch, dtype, args.quick)
     r['model_flops_per_step'] = float(args.batch *
                                       model_flops(config, bench.kind))
@@ -596,14 +563,15 @@ def main(argv=None):
       r.update(input_img_per_s=None,
                input_note=f'failed: {type(e).__name__}: {str(e)[:200]}')
     r.update(peer_img_per_s=None, peer_step_s=None, peer_step_s_all=None,
-             peer_note=peer_note, ratio=None)
-    if 'peer' in times:
-      peer_median = statistics.median(times['peer'])
-      r.update(peer_img_per_s=args.batch / peer_median,
-               peer_step_s=peer_median, peer_step_s_all=times['peer'])
-      r['ratio'] = r['img_per_s'] / r['peer_img_per_s']
+             peer_note=no_peer, ratio=None)
+    if not no_peer:
+      try:
+        r.update(bench_peer(peer, bench.kind, shape, args.batch, args.warmup,
+                            args.steps))
+        r['ratio'] = r['img_per_s'] / r['peer_img_per_s']
+      except Exception as e:  # pylint: disable=broad-except
+        r['peer_note'] = f'failed: {type(e).__name__}: {str(e)[:200]}'
     report(bench, r, args.batch, peak, say)
-    del steps, step, finish, free_peer  # before the next compiles
     record['configurations'].append(r)
 
   if args.out and lead:
