@@ -18,6 +18,8 @@ trained by the recipe's own step (`trainers.*_recipe`, `state.create`,
     ViTForImageClassification + AdamW), same shapes and batch, when torch and
     transformers import, and the ratio mimjax/PyTorch. The fine-tuning peer
     does less work than the recipe: no mixup/cutmix, drop path or layer decay.
+    The peers run after every mimjax step: on CPU, a PyTorch step slows the
+    XLA steps that follow it in the same process.
 
   python benchmarks/run.py [--batch=N] [--steps=N] [--quick] [--out=FILE.json]
 
@@ -517,7 +519,7 @@ def main(argv=None):
   versions = _versions(peer)
   no_peer = peer_unavailable(peer, peer_why)
   lead = jax.process_index() == 0
-  say = print if lead else (lambda *_: None)
+  say = print if lead else (lambda *_, **__: None)
 
   say(f'mimjax bench{" --quick (tiny sizes, a smoke run)" if args.quick else ""}:'
       f' {count} x {kind} ({backend}), {dtype}, batch {args.batch}, '
@@ -545,8 +547,11 @@ def main(argv=None):
       batch=args.batch, dtype=dtype, warmup=args.warmup, steps=args.steps,
       xla_flags=os.environ.get('XLA_FLAGS') or None, peer_skipped=no_peer,
       configurations=[])
-  pipelines = {}
+  pipelines, results = {}, []
+  # Every mimjax step first, then every peer: a PyTorch step run earlier in
+  # the process slows the XLA steps after it on CPU (docs/performance.md).
   for bench in benches(on_cpu):
+    say(f'timing mimjax: {bench.name}', flush=True)
     numbers, shape = bench_mimjax(bench, args, dtype)
     r = dict(name=bench.name, kind=bench.kind, batch=args.batch, dtype=dtype,
              shape=shape, device_kind=kind, **numbers)
@@ -564,13 +569,17 @@ def main(argv=None):
                input_note=f'failed: {type(e).__name__}: {str(e)[:200]}')
     r.update(peer_img_per_s=None, peer_step_s=None, peer_step_s_all=None,
              peer_note=no_peer, ratio=None)
+    results.append((bench, r))
+  for bench, r in results:
     if not no_peer:
+      say(f'timing the PyTorch peer: {bench.name}', flush=True)
       try:
-        r.update(bench_peer(peer, bench.kind, shape, args.batch, args.warmup,
-                            args.steps))
+        r.update(bench_peer(peer, bench.kind, r['shape'], args.batch,
+                            args.warmup, args.steps))
         r['ratio'] = r['img_per_s'] / r['peer_img_per_s']
       except Exception as e:  # pylint: disable=broad-except
         r['peer_note'] = f'failed: {type(e).__name__}: {str(e)[:200]}'
+  for bench, r in results:
     report(bench, r, args.batch, peak, say)
     record['configurations'].append(r)
 
