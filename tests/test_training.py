@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -231,3 +232,49 @@ def test_logged_lr_counts_optimizer_updates():
   assert [lr_at(s) for s in (1, 4, 5, 8, 9, 40)] == [
       float(schedule(u)) for u in (0, 0, 1, 1, 2, 9)]
   assert lr_at(5) != float(schedule(4))  # not the micro-step count
+
+
+def test_non_finite_step_keeps_the_state_and_a_finite_one_is_adamw():
+  """make_train_step: a NaN loss leaves params, moments and extra exactly
+  as they were (the step count moves on); a finite one is optax's update."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from mimjax import sharding  # pylint: disable=g-import-not-at-top
+  from mimjax.training import optim  # pylint: disable=g-import-not-at-top
+  from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  model = nn.Dense(3)
+  init_variables = lambda key: model.init(key, jnp.zeros((1, 4)))
+  abstract = jax.eval_shape(init_variables, jax.random.key(0))['params']
+  tx = optim.adamw(optax.constant_schedule(0.1), abstract)
+
+  def loss_fn(params, extra, batch, rng):
+    del rng
+    loss = jnp.mean(model.apply({'params': params}, batch['image']) ** 2)
+    return loss * batch['scale'][0], ({}, extra)
+
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  rules = sharding.rules_from(None)
+  state, shardings = state_lib.create(init_variables, tx, 0, mesh, rules)
+  step = state_lib.make_train_step(loss_fn, tx, shardings, mesh, rules)
+  x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+  batch = lambda scale: sharding.global_batch(
+      {'image': x, 'scale': np.full((2,), scale, np.float32)}, mesh)
+  before = jax.device_get((state.params, state.opt_state))
+
+  state, metrics = step(state, batch(np.nan))
+  assert not bool(metrics['finite']) and int(state.step) == 1
+  for got, want in zip(jax.tree.leaves(jax.device_get(
+      (state.params, state.opt_state))), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(got, want)
+
+  state, metrics = step(state, batch(1.0))
+  assert bool(metrics['finite']) and int(state.step) == 2
+  params, opt_state = before
+  grads = jax.grad(lambda p: loss_fn(p, None, {'image': x, 'scale': [1.0]},
+                                     None)[0])(params)
+  updates, _ = tx.update(grads, opt_state, params)
+  want = optax.apply_updates(params, updates)
+  for got, w in zip(jax.tree.leaves(jax.device_get(state.params)),
+                    jax.tree.leaves(want)):
+    np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7)
