@@ -8,14 +8,19 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mimjax import checkpoint
 from mimjax import config as config_lib
+from mimjax import sharding
+from mimjax.training import optim
 from mimjax.training import pipeline
+from mimjax.training import state as state_lib
 from mimjax.training import trainers
 from tiny_config import tiny_config
 
@@ -235,32 +240,33 @@ def test_logged_lr_counts_optimizer_updates():
   assert lr_at(5) != float(schedule(4))  # not the micro-step count
 
 
-def test_non_finite_step_keeps_the_state_and_a_finite_one_is_adamw():
-  """make_train_step: a NaN loss leaves params, moments and extra exactly
-  as they were (the step count moves on); a finite one is optax's update."""
-  import optax  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from mimjax import sharding  # pylint: disable=g-import-not-at-top
-  from mimjax.training import optim  # pylint: disable=g-import-not-at-top
-  from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
 
-  model = nn.Dense(3)
-  init_variables = lambda key: model.init(key, jnp.zeros((1, 4)))
+def _dense_step(model, width):
+  """A real train step (state.create, make_train_step: AdamW, donated) of
+  `model` on (B, width) inputs, loss mean(out²) × batch['scale']."""
+  init_variables = lambda key: model.init(key, jnp.zeros((1, width)))
   abstract = jax.eval_shape(init_variables, jax.random.key(0))['params']
   tx = optim.adamw(optax.constant_schedule(0.1), abstract)
 
   def loss_fn(params, extra, batch, rng):
     del rng
-    loss = jnp.mean(model.apply({'params': params}, batch['image']) ** 2)
-    return loss * batch['scale'][0], ({}, extra)
+    out = model.apply({'params': params}, batch['image'])
+    return jnp.mean(out ** 2) * batch['scale'][0], ({}, extra)
 
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   rules = sharding.rules_from(None)
   state, shardings = state_lib.create(init_variables, tx, 0, mesh, rules)
   step = state_lib.make_train_step(loss_fn, tx, shardings, mesh, rules)
-  x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+  x = np.random.default_rng(0).standard_normal((2, width)).astype(np.float32)
   batch = lambda scale: sharding.global_batch(
       {'image': x, 'scale': np.full((2,), scale, np.float32)}, mesh)
+  return state, step, batch, (tx, loss_fn, x, mesh, rules)
+
+
+def test_non_finite_step_keeps_the_state_and_a_finite_one_is_adamw():
+  """make_train_step: a NaN loss leaves params and moments exactly as they
+  were (the step count moves on); a finite one is optax's update."""
+  state, step, batch, (tx, loss_fn, x, _, _) = _dense_step(nn.Dense(3), 4)
   before = jax.device_get((state.params, state.opt_state))
 
   state, metrics = step(state, batch(np.nan))
@@ -284,28 +290,9 @@ def test_non_finite_step_keeps_the_state_and_a_finite_one_is_adamw():
 def test_the_step_updates_adam_moments_without_copying_them():
   """The non-finite guard (a lax.cond) leaves XLA free to update the donated
   moments in place; a select per leaf made it copy every one first."""
-  import optax  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from mimjax import sharding  # pylint: disable=g-import-not-at-top
-  from mimjax.training import optim  # pylint: disable=g-import-not-at-top
-  from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-
   model = nn.Sequential([nn.Dense(64), nn.Dense(64)])
-  init_variables = lambda key: model.init(key, jnp.zeros((1, 64)))
-  abstract = jax.eval_shape(init_variables, jax.random.key(0))['params']
-  tx = optim.adamw(optax.constant_schedule(0.1), abstract)
-
-  def loss_fn(params, extra, batch, rng):
-    del rng
-    out = model.apply({'params': params}, batch['image'])
-    return jnp.mean(out ** 2), ({}, extra)
-
-  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  rules = sharding.rules_from(None)
-  state, shardings = state_lib.create(init_variables, tx, 0, mesh, rules)
-  step = state_lib.make_train_step(loss_fn, tx, shardings, mesh, rules)
-  batch = sharding.global_batch({'image': np.ones((2, 64), np.float32)}, mesh)
+  state, step, batch, (_, _, _, mesh, rules) = _dense_step(model, 64)
   with sharding.active(mesh, rules):
-    text = step.jitted.lower(state, batch).compile().as_text()
+    text = step.jitted.lower(state, batch(1.0)).compile().as_text()
   copied = re.findall(r'copy\(%state_opt_state\w*', text)
   assert not copied, copied

@@ -88,8 +88,7 @@ def update_if_finite(tx, grads, state: TrainState, extra, finite):
   A lax.cond rather than a select per leaf: selecting between the updated
   and the old state lets XLA recompute each Adam moment inside the
   parameter's update while overwriting the donated moment in place, so it
-  copies every moment first, and on CPU the update took about five times
-  as long (docs/performance.md).
+  copies every moment first (docs/performance.md).
   """
   def apply(params, opt_state, extra):
     updates, opt_state = tx.update(grads, opt_state, params)
