@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -164,6 +165,8 @@ def test_table_command():
       capture_output=True, text=True, timeout=120, cwd=os.path.dirname(HERE))
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip() == scaling.tables()
+  # Quiet by default: no library INFO logs (absl's 'I1128 12:00:00...').
+  assert not re.search(r'^I\d{4} ', out.stderr, re.M), out.stderr
   assert '| ViT-L | TPU v4 | 64 | 64 |' in out.stdout
 
 

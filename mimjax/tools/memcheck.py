@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 
-from mimjax.tools import simulate_devices  # pylint: disable=g-import-not-at-top
+from mimjax.tools import quiet_logs, simulate_devices  # pylint: disable=g-import-not-at-top
 
 
 simulate_devices(sys.argv)
@@ -39,6 +39,7 @@ def _gib(n):
 
 def main(argv):
   del argv
+  quiet_logs()
   if _CONFIG.value is None:
     raise app.UsageError('--config is required')
   try:

@@ -51,7 +51,7 @@ import re
 import sys
 
 
-from mimjax.tools import simulate_devices  # pylint: disable=g-import-not-at-top
+from mimjax.tools import quiet_logs, simulate_devices  # pylint: disable=g-import-not-at-top
 
 
 if __name__ == '__main__':
@@ -391,6 +391,7 @@ def tables() -> str:
 
 def main(argv):
   del argv
+  quiet_logs()
   if FLAGS.table:
     print(tables())
     return
