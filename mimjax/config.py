@@ -14,7 +14,7 @@ import os
 import ml_collections as mlc
 from ml_collections import config_dict
 
-from mimjax import masking, objectives, sharding, views
+from mimjax import build, masking, objectives, sharding, views
 from mimjax.models import vit
 
 MODES = ('pretrain', 'finetune', 'linprobe', 'eval', 'analyze', 'pipeline')
@@ -106,7 +106,7 @@ def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1):
   check_counts(config)
   check_profile_steps(config.get('profile_steps'))
   vit.preset(config.model.size)
-  vit.checkpoint_policy(config.model.get('remat_policy', 'nothing_saveable'))
+  vit.checkpoint_policy(build.remat_policy(config.model))
   mesh, _ = sharding.mesh_shapes(config.mesh, config.mesh_dcn, num_devices,
                                  num_granules, config.model.size)
   data_parallel = mesh[0] * mesh[1]
