@@ -1,10 +1,14 @@
 """The step's faster formulations (docs/performance.md) compute what the
 plain ones compute: heads-major attention on CPU, the token-major layout
 and padded odd lengths that cuDNN gets on GPU, q, k and v as one matmul,
-and GELU through erf."""
+a softmax whose backward keeps only its output, and GELU through erf."""
+
+import contextlib
+import io
 
 import flax.linen as nn
 import jax
+import jax.ad_checkpoint  # pylint: disable=unused-import
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -32,6 +36,27 @@ def test_attention_and_its_gradient_match_jax(shape):
                                         q, k, v)
     for got, want in zip(grads, expected):
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_keeps_one_array_of_scores_for_its_backward():
+  """Only the probabilities: autodiff of jax.nn.softmax would also keep the
+  exponentials (and their sums), a second (B, H, N, N) array."""
+  q = jnp.ones((2, 3, 5, 4))
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    jax.ad_checkpoint.print_saved_residuals(vit.attend, q, q, q)
+  assert printed.getvalue().count('f32[2,3,5,5]') == 1, printed.getvalue()
+
+
+def test_softmax_gradient_is_jax_softmax_gradient():
+  x = jax.random.normal(jax.random.key(5), (3, 4, 9)) * 3
+  cotangent = jax.random.normal(jax.random.key(6), x.shape)
+  np.testing.assert_allclose(vit.softmax(x), jax.nn.softmax(x), rtol=1e-6)
+  got, want = (jax.vjp(fn, x)[1](cotangent)[0]
+               for fn in (vit.softmax, jax.nn.softmax))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Σ_k dx = 0 in exact arithmetic: what keeps the key bias's gradient zero.
+  np.testing.assert_allclose(got.sum(-1), 0, atol=1e-6)
 
 
 def test_odd_lengths_padded_for_cudnn_are_masked_out():

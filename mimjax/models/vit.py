@@ -193,10 +193,32 @@ class HeadsOut(nn.Module):
                        kernel.astype(self.dtype)) + bias.astype(self.dtype))
 
 
+@jax.custom_vjp
+def softmax(x):
+  """jax.nn.softmax over the last axis, whose backward keeps only its
+  output: autodiff of jax.nn.softmax keeps the exponentials, their sums and
+  the output, three arrays of the attention scores' size where one serves."""
+  return jax.nn.softmax(x)
+
+
+def _softmax_fwd(x):
+  y = jax.nn.softmax(x)
+  return y, y
+
+
+def _softmax_bwd(y, g):
+  # dx = y ⊙ (g - Σ_k y ⊙ g), the transpose of jax.nn.softmax's own JVP.
+  yg = y * g
+  return (yg - y * jnp.sum(yg, axis=-1, keepdims=True),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def attend(q, k, v):
   """softmax(q kᵀ / √d) v over heads-major (B, heads, N, head_dim) inputs,
   as XLA runs best on CPU: heads-major operands keep the batched matmuls
-  free of transposes (docs/performance.md). jax.nn.softmax's backward keeps
+  free of transposes (docs/performance.md). The softmax's backward keeps
   the key bias's gradient at zero up to rounding, as it is in exact
   arithmetic; normalising after the weighted sum instead left noise there
   that Adam turns into steps of the learning rate's size.
@@ -204,7 +226,7 @@ def attend(q, k, v):
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   scores = jnp.einsum('bhqd,bhkd->bhqk', q, k,
                       preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(scores).astype(v.dtype)
+  weights = softmax(scores).astype(v.dtype)
   return jnp.einsum('bhqk,bhkd->bhqd', weights, v)
 
 
