@@ -42,7 +42,13 @@ import sys
 import tempfile
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)  # configs/ and mimjax/ from this checkout
+
 if __name__ == '__main__':
+  from mimjax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_huge_pages()  # both frameworks' steps run under it
   # The PyTorch peer shares the accelerator: JAX takes memory as it needs it
   # rather than 75% of the device up front.
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
@@ -50,10 +56,6 @@ if __name__ == '__main__':
 
 import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import numpy as np  # pylint: disable=g-import-not-at-top
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)  # configs/ and mimjax/ from this checkout
 
 from mimjax import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -527,8 +529,9 @@ def main(argv=None):
   say('  ' + ', '.join(f'{k} {v}' for k, v in versions.items() if v)
       + (f'; peak {peak:g} TFLOP/s per chip (dense bf16)' if peak else
          '; no peak known'))
-  if os.environ.get('XLA_FLAGS'):
-    say(f'  XLA_FLAGS={os.environ["XLA_FLAGS"]}')
+  for name in ('XLA_FLAGS', 'GLIBC_TUNABLES'):
+    if os.environ.get(name):
+      say(f'  {name}={os.environ[name]}')
   try:
     from mimjax.training import trainers  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
@@ -545,7 +548,9 @@ def main(argv=None):
       device=dict(backend=backend, kind=kind, count=count,
                   peak_tflops_per_chip=peak),
       batch=args.batch, dtype=dtype, warmup=args.warmup, steps=args.steps,
-      xla_flags=os.environ.get('XLA_FLAGS') or None, peer_skipped=no_peer,
+      xla_flags=os.environ.get('XLA_FLAGS') or None,
+      glibc_tunables=os.environ.get('GLIBC_TUNABLES') or None,
+      peer_skipped=no_peer,
       configurations=[])
   pipelines, results = {}, []
   # Every mimjax step first, then every peer: a PyTorch step run earlier in

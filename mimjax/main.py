@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mimjax import distributed
+from mimjax import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file.',
                                           lock_config=True)
@@ -115,4 +116,5 @@ def flag_error(e: BaseException) -> str:
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()
   app.run(main, flags_parser=parse_flags)

@@ -24,6 +24,7 @@ import time
 
 from absl import app, flags
 
+from mimjax import host_memory
 from mimjax.tools import results_tables as tables_lib
 from mimjax.tools.results_tables import VARIANTS
 
@@ -207,4 +208,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()
   app.run(main)
