@@ -37,6 +37,7 @@ import importlib.metadata
 import json
 import math
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -147,17 +148,25 @@ def describe(bench: Bench, s: dict, batch: int) -> str:
 # ------------------------------------------------------------ the mimjax step
 
 
-def median_step(step, warmup: int, steps: int) -> tuple[float, list[float]]:
+def median_step(step, warmup: int, steps: int
+                ) -> tuple[float, list[float], dict]:
   """Median seconds of `steps` calls of `step()` (which blocks) after
-  `warmup` untimed ones; and all timed seconds."""
+  `warmup` untimed ones; all timed seconds; and the process's system time
+  and minor page faults per timed step (getrusage: the kernel's share,
+  docs/performance.md)."""
   for _ in range(warmup):
     step()
   times = []
+  before = resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(steps):
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
-  return statistics.median(times), times
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  host = dict(sys_s_per_step=(after.ru_stime - before.ru_stime) / steps,
+              page_faults_per_step=round(
+                  (after.ru_minflt - before.ru_minflt) / steps))
+  return statistics.median(times), times, host
 
 
 def _cost_flops(compiled) -> float | None:
@@ -258,8 +267,9 @@ def bench_mimjax(bench: Bench, args, dtype: str) -> tuple[dict, dict]:
     holder['state'], holder['metrics'] = compiled(holder['state'], batch)
     jax.block_until_ready((holder['state'], holder['metrics']))
 
-  median, times = median_step(step, args.warmup, args.steps)
+  median, times, host = median_step(step, args.warmup, args.steps)
   out.update(step_s=median, step_s_all=times, img_per_s=args.batch / median,
+             host=host,
              loss=float(holder['metrics']['loss']),
              live_peak_gib=_live_peak_gib())
   del holder, compiled, batch, recipe, run
@@ -379,14 +389,14 @@ def bench_peer(peer, kind: str, s: dict, batch: int, warmup: int,
       torch.cuda.synchronize()
 
   try:
-    median, times = median_step(step, warmup, steps)
+    median, times, host = median_step(step, warmup, steps)
   finally:
     del model, opt, images
     gc.collect()
     if cuda:
       torch.cuda.empty_cache()
   return dict(peer_img_per_s=batch / median, peer_step_s=median,
-              peer_step_s_all=times,
+              peer_step_s_all=times, peer_host=host,
               peer_note=(f'HF {type(config).__name__[:-6]} + AdamW on '
                          f'{device.type}, '
                          + ('bf16 autocast' if cuda else 'fp32')))
@@ -442,6 +452,11 @@ def _gib(x) -> str:
   return f'{x:.2f} GiB' if x >= 1 else f'{x * 1024:.1f} MiB'
 
 
+def _host(host: dict) -> str:
+  return (f'{host["sys_s_per_step"]:.2f} s system time, '
+          f'{host["page_faults_per_step"]:,} page faults per step')
+
+
 def _flop(x) -> str:
   if x is None:
     return 'n/a'
@@ -458,6 +473,7 @@ def report(bench: Bench, r: dict, batch: int, peak: float | None,
   say(f'  step      {r["img_per_s"]:.1f} img/s  (median of '
       f'{len(r["step_s_all"])} steps {1e3 * r["step_s"]:.1f} ms, '
       f'{r["timed"]})')
+  say(f'  host      {_host(r["host"])}')
   say(f'  compile   unrolled {r["compile_unrolled_s"]:.1f} s (+ lower '
       f'{r["lower_unrolled_s"]:.1f} s) | scanned {r["compile_scanned_s"]:.1f}'
       f' s (+ lower {r["lower_scanned_s"]:.1f} s)')
@@ -485,7 +501,7 @@ def report(bench: Bench, r: dict, batch: int, peak: float | None,
     say(f'  peer      PyTorch peer skipped: {r["peer_note"]}')
   else:
     say(f'  peer      {r["peer_note"]}: {r["peer_img_per_s"]:.1f} img/s '
-        f'(median {1e3 * r["peer_step_s"]:.1f} ms)')
+        f'(median {1e3 * r["peer_step_s"]:.1f} ms; {_host(r["peer_host"])})')
     say(f'  ratio mimjax/PyTorch: {r["ratio"]:.2f}x (mimjax '
         f'{r["img_per_s"]:.1f} img/s, PyTorch {r["peer_img_per_s"]:.1f} '
         'img/s)')
@@ -573,7 +589,7 @@ def main(argv=None):
       r.update(input_img_per_s=None,
                input_note=f'failed: {type(e).__name__}: {str(e)[:200]}')
     r.update(peer_img_per_s=None, peer_step_s=None, peer_step_s_all=None,
-             peer_note=no_peer, ratio=None)
+             peer_host=None, peer_note=no_peer, ratio=None)
     results.append((bench, r))
   for bench, r in results:
     if not no_peer:

@@ -78,6 +78,8 @@ def test_quick_run(tmp_path):
                 'model_flops_per_step', 'achieved_tflops'):
       assert _positive(c[key]), (c['name'], key, c[key])
     assert len(c['step_s_all']) >= 5
+    assert c['host']['sys_s_per_step'] >= 0
+    assert c['host']['page_faults_per_step'] >= 0
     assert c['timed'] in ('unrolled', 'scanned')
     assert c['xla_flops_per_step'] is None or _positive(
         c['xla_flops_per_step'])
@@ -88,6 +90,7 @@ def test_quick_run(tmp_path):
     if has_peer:
       assert _positive(c['peer_img_per_s']), c['peer_note']
       assert c['ratio'] == pytest.approx(c['img_per_s'] / c['peer_img_per_s'])
+      assert c['peer_host']['page_faults_per_step'] >= 0
     else:
       assert c['peer_img_per_s'] is None and c['ratio'] is None
   ratio_lines = [l for l in proc.stdout.splitlines()
@@ -96,4 +99,6 @@ def test_quick_run(tmp_path):
     assert len(ratio_lines) == len(configs), proc.stdout
   else:
     assert not ratio_lines and 'PyTorch peer skipped' in proc.stdout
+  assert proc.stdout.count(' page faults per step') == len(configs) * (
+      2 if has_peer else 1)
   assert f'JSON record: {out}' in proc.stdout
