@@ -49,6 +49,8 @@ import sys
 import tempfile
 import time
 
+from timing import median_step
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETED = ('H100', 'H200')  # the chips the targets are for
 MFU_TARGET, RATIO_TARGET = 0.50, 1.5
@@ -112,17 +114,6 @@ def model_flops(args) -> float:
   from mimjax import flops  # pylint: disable=g-import-not-at-top
   return flops.mae_flops(args.size, args.patch, args.image, args.mask_ratio,
                          args.dec_width, args.dec_depth)['forward']
-
-
-def time_steps(step, sync, warmup: int, steps: int) -> list[float]:
-  for _ in range(warmup):
-    sync(step())
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    sync(step())
-    times.append(time.perf_counter() - start)
-  return times
 
 
 def peak_for(name: str):
@@ -248,7 +239,8 @@ def run_mimjax(args) -> dict:
     holder['state'], metrics = compiled(holder['state'], batch)
     return holder['state'], metrics
 
-  times = time_steps(one_step, jax.block_until_ready, args.warmup, args.steps)
+  _, times, _ = median_step(lambda: jax.block_until_ready(one_step()),
+                            args.warmup, args.steps)
   loss = float(jax.device_get(one_step()[1]['loss']))
   result = throughput('mimjax', args, times,
                       model_flops(args), name)
@@ -418,7 +410,8 @@ def run_peer(args) -> dict:
   sync(step())
   first = time.perf_counter() - start
   print(f'peer: first step {first:.1f} s', flush=True)
-  times = time_steps(step, sync, max(args.warmup - 1, 0), args.steps)
+  _, times, _ = median_step(lambda: sync(step()), max(args.warmup - 1, 0),
+                            args.steps)
   result = throughput('peer', args, times,
                       model_flops(args),
                       name)

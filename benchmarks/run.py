@@ -37,8 +37,6 @@ import importlib.metadata
 import json
 import math
 import os
-import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +57,7 @@ import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from mimjax import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
+from timing import median_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FAKE_NUM_TRAIN = 1_000_000  # sizes the LR schedule only
 NUM_CLASSES = 1000
@@ -146,27 +145,6 @@ def describe(bench: Bench, s: dict, batch: int) -> str:
 
 
 # ------------------------------------------------------------ the mimjax step
-
-
-def median_step(step, warmup: int, steps: int
-                ) -> tuple[float, list[float], dict]:
-  """Median seconds of `steps` calls of `step()` (which blocks) after
-  `warmup` untimed ones; all timed seconds; and the process's system time
-  and minor page faults per timed step (getrusage: the kernel's share,
-  docs/performance.md)."""
-  for _ in range(warmup):
-    step()
-  times = []
-  before = resource.getrusage(resource.RUSAGE_SELF)
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  after = resource.getrusage(resource.RUSAGE_SELF)
-  host = dict(sys_s_per_step=(after.ru_stime - before.ru_stime) / steps,
-              page_faults_per_step=round(
-                  (after.ru_minflt - before.ru_minflt) / steps))
-  return statistics.median(times), times, host
 
 
 def _cost_flops(compiled) -> float | None:
