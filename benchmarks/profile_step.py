@@ -4,11 +4,12 @@ step (as `make bench` builds it), summed per kind of XLA operation.
   python benchmarks/profile_step.py [--kind=pretrain|finetune] [--batch=16]
       [--steps=2] [--top=15] [--trace_dir=DIR]
 
-Prints, per step: the time of each operation kind (an XLA op name without
-its numeric suffix: `ynn_fusion` is a matmul run by YNNPACK, `dot` one run
-by Eigen, `*_fusion` XLA's own loops), its share of all operation time, and
-how often it ran; then the wall time. Operation times on different threads
-overlap, so their sum can exceed the wall time. The trace stays in
+Prints, per step (trace_summary.report): the time of each operation kind
+(an XLA op name without its numeric suffix: `ynn_fusion` is a matmul or
+reduction run by YNNPACK, `dot` a matmul run by Eigen, `*_fusion` XLA's own
+loops), its share of all operation time, and how often it ran; then the
+wall time. Operation times on different threads overlap, so their sum can
+exceed the wall time. The trace stays in
 --trace_dir for TensorBoard's profile plugin (docs/performance.md).
 """
 
@@ -68,18 +69,14 @@ def main(argv=None):
   wall = (time.perf_counter() - start) / args.steps
   jax.profiler.stop_trace()
 
-  times, counts = trace_summary.lines(trace_dir, args.steps, device=False)[
-      'host']
-  total = sum(times.values())
-  print(f'{bench.name}, batch {args.batch}, {dtype}, on '
-        f'{jax.devices()[0].device_kind}: {args.steps} profiled steps')
-  print(f'  {"ms/step":>9}  {"share":>6}  {"count":>6}  operation kind')
-  for kind, t in times.most_common(args.top):
-    print(f'  {t * 1e3:9.1f}  {100 * t / total:5.1f}%  '
-          f'{counts[kind]:6.0f}  {kind}')
-  print(f'  {total * 1e3:9.1f}  100.0%          all operations (threads '
-        'overlap)')
-  print(f'  {wall * 1e3:9.1f}                  wall time per step')
+  print(f'{bench.name}{" --quick (tiny sizes)" if args.quick else ""}, '
+        f'batch {args.batch}, {dtype}, on '
+        f'{jax.devices()[0].device_kind}: {args.steps} profiled steps '
+        '(operations on different threads overlap)')
+  trace_summary.report(
+      trace_summary.lines(trace_dir, args.steps, device=False), args.top,
+      prefix='  ')
+  print(f'  wall time per step: {wall * 1e3:.1f} ms')
   print(f'trace: {trace_dir} (tensorboard --logdir {trace_dir})')
 
 

@@ -102,3 +102,27 @@ def test_quick_run(tmp_path):
   assert proc.stdout.count(' page faults per step') == len(configs) * (
       2 if has_peer else 1)
   assert f'JSON record: {out}' in proc.stdout
+
+
+def test_profile_step_sums_a_traced_step(tmp_path):
+  """benchmarks/profile_step.py --quick: a table of operation kinds whose
+  shares add up, and the wall time; no speed is asserted."""
+  env = dict(os.environ)
+  flags = ' '.join(f'--{k}={str(v).lower() if isinstance(v, bool) else v}'
+                   for k, v in FAST.items())
+  env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {flags}'.strip()
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / 'benchmarks' / 'profile_step.py'),
+       '--quick', '--batch=4', '--steps=1', '--top=500',
+       f'--trace_dir={tmp_path}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  total = next(l for l in lines if l.strip().startswith('host: '))
+  assert float(total.split()[1]) > 0
+  rows = [l.split() for l in lines
+          if len(l.split()) == 4 and l.split()[1].endswith('%')]
+  assert rows and sum(float(r[1][:-1]) for r in rows) == pytest.approx(
+      100, abs=1)
+  wall = next(l for l in lines if 'wall time per step:' in l)
+  assert float(wall.split(':')[1].split()[0]) > 0

@@ -61,4 +61,4 @@ def test_the_restarted_program_faults_far_fewer_pages():
   faults, tunables = _run(GLIBC_TUNABLES='glibc.malloc.arena_max=8')
   assert plain_tunables == 'None'
   assert tunables == 'glibc.malloc.arena_max=8:glibc.malloc.hugetlb=1'
-  assert faults * 5 < plain_faults, (faults, plain_faults)
+  assert faults * 2 < plain_faults, (faults, plain_faults)
