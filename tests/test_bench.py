@@ -18,8 +18,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'benchmarks' / 'run.py'
 
 
-
-
 def _importable(*names):
   return all(importlib.util.find_spec(n) is not None for n in names)
 
@@ -43,21 +41,24 @@ def test_peak_table():
   assert flops.peak_tflops('cpu') is None
 
 
+def _fast_env():
+  """This environment with XLA_FLAGS that compile the tiny steps fast
+  (tests/fast_jit.py): compile times are reported, not judged."""
+  flags = ' '.join(f'--{k}={str(v).lower() if isinstance(v, bool) else v}'
+                   for k, v in FAST.items())
+  return dict(os.environ, XLA_FLAGS=(
+      f'{os.environ.get("XLA_FLAGS", "")} {flags}'.strip()))
+
+
 def _positive(x):
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
 def test_quick_run(tmp_path):
   out = tmp_path / 'bench.json'
-  env = dict(os.environ)
-  # Compile the tiny steps fast (tests/fast_jit.py): compile times are
-  # reported, not judged.
-  flags = ' '.join(f'--{k}={str(v).lower() if isinstance(v, bool) else v}'
-                   for k, v in FAST.items())
-  env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {flags}'.strip()
   proc = subprocess.run(
       [sys.executable, str(SCRIPT), '--quick', '--out', str(out)],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+      cwd=ROOT, env=_fast_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
   def strict(name):
@@ -107,15 +108,11 @@ def test_quick_run(tmp_path):
 def test_profile_step_sums_a_traced_step(tmp_path):
   """benchmarks/profile_step.py --quick: a table of operation kinds whose
   shares add up, and the wall time; no speed is asserted."""
-  env = dict(os.environ)
-  flags = ' '.join(f'--{k}={str(v).lower() if isinstance(v, bool) else v}'
-                   for k, v in FAST.items())
-  env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {flags}'.strip()
   proc = subprocess.run(
       [sys.executable, str(ROOT / 'benchmarks' / 'profile_step.py'),
        '--quick', '--batch=4', '--steps=1', '--top=500',
        f'--trace_dir={tmp_path}'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+      cwd=ROOT, env=_fast_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
   total = next(l for l in lines if l.strip().startswith('host: '))

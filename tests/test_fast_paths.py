@@ -8,7 +8,7 @@ import io
 
 import flax.linen as nn
 import jax
-import jax.ad_checkpoint  # pylint: disable=unused-import
+import jax.ad_checkpoint  # jax.ad_checkpoint.print_saved_residuals
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -240,7 +240,6 @@ def test_logged_lr_counts_optimizer_updates():
   assert lr_at(5) != float(schedule(4))  # not the micro-step count
 
 
-
 def _dense_step(model, width):
   """A real train step (state.create, make_train_step: AdamW, donated) of
   `model` on (B, width) inputs, loss mean(out²) × batch['scale']."""
