@@ -18,8 +18,10 @@ trained by the recipe's own step (`trainers.*_recipe`, `state.create`,
     ViTForImageClassification + AdamW), same shapes and batch, when torch and
     transformers import, and the ratio mimjax/PyTorch. The fine-tuning peer
     does less work than the recipe: no mixup/cutmix, drop path or layer decay.
-    The peers run after every mimjax step: on CPU, a PyTorch step slows the
-    XLA steps that follow it in the same process.
+    The two take turns (`timing.taking_turns`: rounds of one untimed and two
+    timed steps each), so that both are timed in the same minutes of a
+    machine whose speed drifts; the ratio's range over the rounds is printed
+    with it.
 
   python benchmarks/run.py [--batch=N] [--steps=N] [--quick] [--out=FILE.json]
 
@@ -57,7 +59,7 @@ import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from mimjax import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
-from timing import median_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from timing import taking_turns  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FAKE_NUM_TRAIN = 1_000_000  # sizes the LR schedule only
 NUM_CLASSES = 1000
@@ -188,9 +190,11 @@ def _recipe(bench: Bench, config, mesh):
   return trainers.finetune_recipe(config, mesh, FAKE_NUM_TRAIN, NUM_CLASSES)
 
 
-def bench_mimjax(bench: Bench, args, dtype: str) -> tuple[dict, dict]:
-  """Compiles the step unrolled and scanned, times the one the recipe uses
-  (model.scan). Returns (numbers, the shape of what was run)."""
+def build_mimjax(bench: Bench, args, dtype: str):
+  """Compiles the step unrolled and scanned, and readies the one the recipe
+  uses (model.scan) for timing. Returns (numbers, the shape of what is run,
+  step: a blocking call of one train step, finish: its numbers after the
+  timing, freeing it)."""
   from mimjax import build, sharding  # pylint: disable=g-import-not-at-top
   from mimjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -238,21 +242,22 @@ def bench_mimjax(bench: Bench, args, dtype: str) -> tuple[dict, dict]:
   batch = sharding.global_batch({
       'image': rng.standard_normal((local, size, size, 3), np.float32),
       'label': rng.integers(0, NUM_CLASSES, (local,), np.int32)}, mesh)
-  holder = {'state': state}
-  del state
+  holder = {'state': state, 'compiled': compiled, 'batch': batch}
+  del state, compiled, batch, recipe, run
 
   def step():
-    holder['state'], holder['metrics'] = compiled(holder['state'], batch)
+    holder['state'], holder['metrics'] = holder['compiled'](holder['state'],
+                                                            holder['batch'])
     jax.block_until_ready((holder['state'], holder['metrics']))
 
-  median, times, host = median_step(step, args.warmup, args.steps)
-  out.update(step_s=median, step_s_all=times, img_per_s=args.batch / median,
-             host=host,
-             loss=float(holder['metrics']['loss']),
-             live_peak_gib=_live_peak_gib())
-  del holder, compiled, batch, recipe, run
-  gc.collect()
-  return out, shape_of(config, bench.kind)
+  def finish():
+    numbers = dict(loss=float(holder['metrics']['loss']),
+                   live_peak_gib=_live_peak_gib())
+    holder.clear()
+    gc.collect()
+    return numbers
+
+  return out, shape_of(config, bench.kind), step, finish
 
 
 # ------------------------------------------------------------ the input pipeline
@@ -325,10 +330,10 @@ def import_peer():
   return (torch, transformers), None
 
 
-def bench_peer(peer, kind: str, s: dict, batch: int, warmup: int,
-               steps: int) -> dict:
+def build_peer(peer, kind: str, s: dict, batch: int):
   """The same step in PyTorch: HF ViT(MAE) + AdamW, fp32 on CPU, bf16
-  autocast on CUDA."""
+  autocast on CUDA. Returns (step: a blocking call of one step, what it is,
+  free: drops the model)."""
   torch, transformers = peer
   cuda = torch.cuda.is_available()
   device = torch.device('cuda' if cuda else 'cpu')
@@ -352,32 +357,30 @@ def bench_peer(peer, kind: str, s: dict, batch: int, warmup: int,
     model = transformers.ViTForImageClassification(config)
     labels = torch.randint(0, s['num_classes'], (batch,), device=device)
   model.to(device).train()
-  images = torch.randn(batch, 3, s['image'], s['image'], device=device)
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
-                          weight_decay=0.05)
+  held = dict(model=model, images=torch.randn(
+      batch, 3, s['image'], s['image'], device=device), opt=torch.optim.AdamW(
+          model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05))
+  del model
 
   def step():
-    opt.zero_grad(set_to_none=True)
+    held['opt'].zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
       kwargs = {} if labels is None else {'labels': labels}
-      loss = model(pixel_values=images, **kwargs).loss
+      loss = held['model'](pixel_values=held['images'], **kwargs).loss
     loss.backward()
-    opt.step()
+    held['opt'].step()
     if cuda:
       torch.cuda.synchronize()
 
-  try:
-    median, times, host = median_step(step, warmup, steps)
-  finally:
-    del model, opt, images
+  def free():
+    held.clear()
     gc.collect()
     if cuda:
       torch.cuda.empty_cache()
-  return dict(peer_img_per_s=batch / median, peer_step_s=median,
-              peer_step_s_all=times, peer_host=host,
-              peer_note=(f'HF {type(config).__name__[:-6]} + AdamW on '
-                         f'{device.type}, '
-                         + ('bf16 autocast' if cuda else 'fp32')))
+
+  note = (f'HF {type(config).__name__[:-6]} + AdamW on {device.type}, '
+          + ('bf16 autocast' if cuda else 'fp32'))
+  return step, note, free
 
 
 def peer_unavailable(peer, why: str | None) -> str | None:
@@ -482,7 +485,8 @@ def report(bench: Bench, r: dict, batch: int, peak: float | None,
         f'(median {1e3 * r["peer_step_s"]:.1f} ms; {_host(r["peer_host"])})')
     say(f'  ratio mimjax/PyTorch: {r["ratio"]:.2f}x (mimjax '
         f'{r["img_per_s"]:.1f} img/s, PyTorch {r["peer_img_per_s"]:.1f} '
-        'img/s)')
+        f'img/s; {len(r["round_ratios"])} rounds of turns: '
+        f'{min(r["round_ratios"]):.2f}x to {max(r["round_ratios"]):.2f}x)')
 
 
 def main(argv=None):
@@ -519,7 +523,9 @@ def main(argv=None):
 
   say(f'mimjax bench{" --quick (tiny sizes, a smoke run)" if args.quick else ""}:'
       f' {count} x {kind} ({backend}), {dtype}, batch {args.batch}, '
-      f'{args.warmup} warm-up + {args.steps} timed steps')
+      f'{args.warmup} warm-up + {args.steps} timed steps'
+      + ('' if no_peer else ', taking turns with the peer in rounds of 1 '
+         'untimed + 2 timed'))
   say('  ' + ', '.join(f'{k} {v}' for k, v in versions.items() if v)
       + (f'; peak {peak:g} TFLOP/s per chip (dense bf16)' if peak else
          '; no peak known'))
@@ -547,13 +553,37 @@ def main(argv=None):
       peer_skipped=no_peer,
       configurations=[])
   pipelines, results = {}, []
-  # Every mimjax step first, then every peer: a PyTorch step run earlier in
-  # the process slows the XLA steps after it on CPU (docs/performance.md).
   for bench in benches(on_cpu):
-    say(f'timing mimjax: {bench.name}', flush=True)
-    numbers, shape = bench_mimjax(bench, args, dtype)
+    say(f'timing {bench.name}: mimjax'
+        + ('' if no_peer else ' and the PyTorch peer, taking turns'),
+        flush=True)
+    numbers, shape, step, finish = build_mimjax(bench, args, dtype)
     r = dict(name=bench.name, kind=bench.kind, batch=args.batch, dtype=dtype,
              shape=shape, device_kind=kind, **numbers)
+    r.update(peer_img_per_s=None, peer_step_s=None, peer_step_s_all=None,
+             peer_host=None, peer_note=no_peer, ratio=None, round_ratios=None)
+    steps, free_peer = {'mimjax': step}, None
+    if not no_peer:
+      try:
+        peer_step, r['peer_note'], free_peer = build_peer(
+            peer, bench.kind, shape, args.batch)
+        peer_step()  # fails here, not halfway through the turns
+        steps['peer'] = peer_step
+      except Exception as e:  # pylint: disable=broad-except
+        r['peer_note'] = f'failed: {type(e).__name__}: {str(e)[:200]}'
+    timed, rounds = taking_turns(steps, args.warmup, args.steps)
+    if free_peer:
+      free_peer()
+    r.update(finish())
+    median, times, host = timed['mimjax']
+    r.update(step_s=median, step_s_all=times, img_per_s=args.batch / median,
+             host=host)
+    if 'peer' in timed:
+      median, times, host = timed['peer']
+      r.update(peer_img_per_s=args.batch / median, peer_step_s=median,
+               peer_step_s_all=times, peer_host=host)
+      r['ratio'] = r['img_per_s'] / r['peer_img_per_s']
+      r['round_ratios'] = [t['peer'] / t['mimjax'] for t in rounds]
     config = make_config(bench, args.batch, dtype, args.quick)
     r['model_flops_per_step'] = float(args.batch *
                                       model_flops(config, bench.kind))
@@ -566,18 +596,7 @@ def main(argv=None):
     except Exception as e:  # pylint: disable=broad-except
       r.update(input_img_per_s=None,
                input_note=f'failed: {type(e).__name__}: {str(e)[:200]}')
-    r.update(peer_img_per_s=None, peer_step_s=None, peer_step_s_all=None,
-             peer_host=None, peer_note=no_peer, ratio=None)
     results.append((bench, r))
-  for bench, r in results:
-    if not no_peer:
-      say(f'timing the PyTorch peer: {bench.name}', flush=True)
-      try:
-        r.update(bench_peer(peer, bench.kind, r['shape'], args.batch,
-                            args.warmup, args.steps))
-        r['ratio'] = r['img_per_s'] / r['peer_img_per_s']
-      except Exception as e:  # pylint: disable=broad-except
-        r['peer_note'] = f'failed: {type(e).__name__}: {str(e)[:200]}'
   for bench, r in results:
     report(bench, r, args.batch, peak, say)
     record['configurations'].append(r)

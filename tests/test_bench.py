@@ -92,8 +92,13 @@ def test_quick_run(tmp_path):
       assert _positive(c['peer_img_per_s']), c['peer_note']
       assert c['ratio'] == pytest.approx(c['img_per_s'] / c['peer_img_per_s'])
       assert c['peer_host']['page_faults_per_step'] >= 0
+      assert len(c['peer_step_s_all']) == len(c['step_s_all'])
+      # Turns of two timed steps each: one ratio per round.
+      assert len(c['round_ratios']) == math.ceil(len(c['step_s_all']) / 2)
+      assert all(_positive(x) for x in c['round_ratios'])
     else:
       assert c['peer_img_per_s'] is None and c['ratio'] is None
+      assert c['round_ratios'] is None
   ratio_lines = [l for l in proc.stdout.splitlines()
                  if l.strip().startswith('ratio mimjax/PyTorch: ')]
   if has_peer:
