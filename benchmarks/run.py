@@ -39,6 +39,7 @@ import importlib.metadata
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -487,6 +488,9 @@ def report(bench: Bench, r: dict, batch: int, peak: float | None,
         f'{r["img_per_s"]:.1f} img/s, PyTorch {r["peer_img_per_s"]:.1f} '
         f'img/s; {len(r["round_ratios"])} rounds of turns: '
         f'{min(r["round_ratios"]):.2f}x to {max(r["round_ratios"]):.2f}x)')
+    say('  switch    the untimed first step of each turn: mimjax median '
+        f'{1e3 * statistics.median(r["switch_step_s_all"]):.1f} ms, PyTorch '
+        f'{1e3 * statistics.median(r["peer_switch_step_s_all"]):.1f} ms')
 
 
 def main(argv=None):
@@ -561,7 +565,8 @@ def main(argv=None):
     r = dict(name=bench.name, kind=bench.kind, batch=args.batch, dtype=dtype,
              shape=shape, device_kind=kind, **numbers)
     r.update(peer_img_per_s=None, peer_step_s=None, peer_step_s_all=None,
-             peer_host=None, peer_note=no_peer, ratio=None, round_ratios=None)
+             peer_host=None, peer_switch_step_s_all=None, peer_note=no_peer,
+             ratio=None, round_ratios=None)
     steps, free_peer = {'mimjax': step}, None
     if not no_peer:
       try:
@@ -575,13 +580,14 @@ def main(argv=None):
     if free_peer:
       free_peer()
     r.update(finish())
-    median, times, host = timed['mimjax']
+    median, times, host, switches = timed['mimjax']
     r.update(step_s=median, step_s_all=times, img_per_s=args.batch / median,
-             host=host)
+             host=host, switch_step_s_all=switches if len(steps) > 1 else None)
     if 'peer' in timed:
-      median, times, host = timed['peer']
+      median, times, host, switches = timed['peer']
       r.update(peer_img_per_s=args.batch / median, peer_step_s=median,
-               peer_step_s_all=times, peer_host=host)
+               peer_step_s_all=times, peer_host=host,
+               peer_switch_step_s_all=switches)
       r['ratio'] = r['img_per_s'] / r['peer_img_per_s']
       r['round_ratios'] = [t['peer'] / t['mimjax'] for t in rounds]
     config = make_config(bench, args.batch, dtype, args.quick)

@@ -44,25 +44,27 @@ def taking_turns(steps: dict, warmup: int, timed: int, per_turn: int = 2
   """Several steps (name -> blocking callable) timed in turns, so that a
   machine whose speed drifts over minutes slows them alike: `warmup` untimed
   calls of each, then rounds in which each, in order, makes one untimed call
-  (the switch: on CPU the first XLA step after PyTorch ones ran seconds
+  (the switch: on CPU the first XLA step after PyTorch ones is seconds
   slower, docs/performance.md) and `per_turn` timed ones, until each has
   made `timed`.
 
-  Returns (name -> median_step's triple, and per round name -> the median of
-  its timed seconds in that round).
+  Returns name -> median_step's triple plus the seconds of its untimed
+  switch calls, and per round name -> the median of its timed seconds.
   """
   for step in steps.values():
     for _ in range(warmup):
       step()
   calls = {name: [] for name in steps}
+  switches = {name: [] for name in steps}
   rounds = []
   for first in range(0, timed, per_turn):
     count = min(per_turn, timed - first)
     this_round = {}
     for name, step in steps.items():
-      step()
+      switches[name].append(_timed(step)[0])
       mine = [_timed(step) for _ in range(count)]
       calls[name] += mine
       this_round[name] = statistics.median(s for s, _, _ in mine)
     rounds.append(this_round)
-  return {name: _summary(c) for name, c in calls.items()}, rounds
+  return {name: (*_summary(c), switches[name])
+          for name, c in calls.items()}, rounds

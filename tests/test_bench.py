@@ -96,9 +96,11 @@ def test_quick_run(tmp_path):
       # Turns of two timed steps each: one ratio per round.
       assert len(c['round_ratios']) == math.ceil(len(c['step_s_all']) / 2)
       assert all(_positive(x) for x in c['round_ratios'])
+      assert len(c['switch_step_s_all']) == len(c['round_ratios'])
+      assert len(c['peer_switch_step_s_all']) == len(c['round_ratios'])
     else:
       assert c['peer_img_per_s'] is None and c['ratio'] is None
-      assert c['round_ratios'] is None
+      assert c['round_ratios'] is None and c['switch_step_s_all'] is None
   ratio_lines = [l for l in proc.stdout.splitlines()
                  if l.strip().startswith('ratio mimjax/PyTorch: ')]
   if has_peer:

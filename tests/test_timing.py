@@ -16,8 +16,8 @@ def test_steps_take_turns_with_an_untimed_step_at_each_switch():
   assert ''.join(calls) == 'a' 'b' + 'aaabbb' * 2 + 'aabb'
   assert [len(timed[n][1]) for n in 'ab'] == [5, 5]
   assert len(rounds) == 3 and all(set(r) == {'a', 'b'} for r in rounds)
-  median, times, host = timed['a']
-  assert median >= 0 and sorted(times)[2] == median
+  median, times, host, switches = timed['a']
+  assert median >= 0 and sorted(times)[2] == median and len(switches) == 3
   assert host['sys_s_per_step'] >= 0 and host['page_faults_per_step'] >= 0
 
 
