@@ -45,8 +45,8 @@ def taking_turns(steps: dict, warmup: int, timed: int, per_turn: int = 2
   machine whose speed drifts over minutes slows them alike: `warmup` untimed
   calls of each, then rounds in which each, in order, makes one untimed call
   (the switch: on CPU the first XLA step after PyTorch ones is seconds
-  slower, docs/performance.md) and `per_turn` timed ones, until each has
-  made `timed`.
+  slower, docs/performance.md; none when a step has no one to take turns
+  with) and `per_turn` timed ones, until each has made `timed`.
 
   Returns name -> median_step's triple plus the seconds of its untimed
   switch calls, and per round name -> the median of its timed seconds.
@@ -61,7 +61,8 @@ def taking_turns(steps: dict, warmup: int, timed: int, per_turn: int = 2
     count = min(per_turn, timed - first)
     this_round = {}
     for name, step in steps.items():
-      switches[name].append(_timed(step)[0])
+      if len(steps) > 1:
+        switches[name].append(_timed(step)[0])
       mine = [_timed(step) for _ in range(count)]
       calls[name] += mine
       this_round[name] = statistics.median(s for s, _, _ in mine)
