@@ -4,6 +4,9 @@
   bash benchmarks/gpu_check.sh --batch=128    # any flag below
   bash benchmarks/gpu_check.sh --tiny         # the same code, tiny, on CPU (seconds)
   bash benchmarks/gpu_check.sh --profile=2    # and where 2 more steps spend their time
+  bash benchmarks/gpu_check.sh --no-peer --variant='--batch=512' \
+      --variant='XLA_FLAGS=--xla_gpu_enable_triton_gemm=false'
+                                              # then each variant, in its own process
 
 The model is the reference ViT-L/16 MAE (mask ratio 0.75, decoder 512 wide,
 8 deep, 16 heads, norm-pix loss) at 224 px, computing in bfloat16 on float32
@@ -43,6 +46,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -88,6 +92,14 @@ def parse_args(argv=None):
                  help='seconds for both sides together')
   p.add_argument('--strict', action='store_true',
                  help='exit status 3 when a target fails')
+  p.add_argument('--variant', action='append', default=[], metavar='SPEC',
+                 help="then time mimjax again with SPEC, in its own process "
+                 "(repeatable): '--flag=value' arguments of this script and "
+                 "NAME=value environment variables, XLA_FLAGS added to the "
+                 "inherited ones; e.g. --variant='--batch=512' --variant="
+                 "'XLA_FLAGS=--xla_gpu_enable_triton_gemm=false'")
+  p.add_argument('--variant_timeout', type=int, default=240,
+                 help='seconds for each variant')
   p.add_argument('--part', choices=('all', 'mimjax', 'peer'), default='all',
                  help=argparse.SUPPRESS)
   p.add_argument('--result', help=argparse.SUPPRESS)
@@ -439,20 +451,37 @@ def _preset(size: str):
 # ------------------------------------------------------------- driver
 
 
-def child(argv, part: str, timeout: float):
+def child(argv, part: str, timeout: float, env=None):
   """Runs one side in its own process; its result dict (or the failure)."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'result.json')
     cmd = [sys.executable, os.path.abspath(__file__), *argv, f'--part={part}',
            f'--result={out}']
     try:
-      rc = subprocess.run(cmd, timeout=timeout, check=False).returncode
+      rc = subprocess.run(cmd, timeout=timeout, check=False,
+                          env=env).returncode
     except subprocess.TimeoutExpired:
       return dict(failed=f'timed out after {timeout:.0f} s')
     if rc or not os.path.exists(out):
       return dict(failed=f'exit status {rc}')
     with open(out) as f:
       return json.load(f)
+
+
+def variant_run(spec: str) -> tuple[list[str], dict]:
+  """--variant's SPEC -> (extra arguments, the child's environment)."""
+  extra, env = [], dict(os.environ)
+  for item in shlex.split(spec):
+    name, eq, value = item.partition('=')
+    if item.startswith('--'):
+      extra.append(item)
+    elif eq and name.isidentifier():
+      env[name] = (f'{env.get(name, "")} {value}'.strip()
+                   if name == 'XLA_FLAGS' else value)
+    else:
+      sys.exit(f'gpu_check: --variant item {item!r} is neither --flag=value '
+               'nor NAME=value')
+  return extra, env
 
 
 def verdict(ok) -> str:
@@ -467,6 +496,8 @@ def main(argv=None) -> int:
     with open(args.result, 'w') as f:
       json.dump(result, f)
     return 0
+  for spec in args.variant:  # a bad one fails now, not after the first run
+    parse_args([*argv, *variant_run(spec)[0]])
   print(f'gpu_check: {describe(args)}; {args.warmup} warm-up + '
         f'{args.steps} timed steps per side', flush=True)
   deadline = time.time() + args.timeout
@@ -508,6 +539,18 @@ def main(argv=None) -> int:
   print(f'  target mimjax/PyTorch >= {RATIO_TARGET}x: ' +
         (f'{ratio:.2f}x ' if ratio is not None else '') + verdict(ratio_ok) +
         why, flush=True)
+  for spec in args.variant:
+    extra, env = variant_run(spec)
+    print(f'gpu_check: variant {spec!r}', flush=True)
+    other = child([*argv, *extra], 'mimjax', args.variant_timeout, env)
+    if 'failed' in other:
+      print(f'  variant {spec!r}: FAILED ({other["failed"]})', flush=True)
+      continue
+    print(f'  variant {spec!r}: {other["img_per_s"]:.1f} img/s, MFU ' +
+          (f'{100 * other["mfu"]:.1f}%' if other['mfu'] is not None else
+           'n/a') + f', compile {other["compile_s"]:.1f} s; '
+          f'{other["img_per_s"] / ours["img_per_s"]:.2f}x the first run',
+          flush=True)
   if 'failed' in peer:
     return 1
   if args.strict and (mfu_ok is False or ratio_ok is False):

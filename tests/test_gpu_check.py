@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_PEER = all(importlib.util.find_spec(m) for m in ('torch', 'transformers'))
 
@@ -20,7 +22,8 @@ def test_gpu_check_tiny_runs_on_cpu():
   env.pop('GPU_CHECK_TINY', None)
   result = subprocess.run(
       ['bash', os.path.join(REPO, 'benchmarks', 'gpu_check.sh'), '--tiny',
-       '--profile=1'],
+       '--profile=1',
+       '--variant=--batch=2 XLA_FLAGS=--xla_cpu_enable_fast_math=false'],
       capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
   out = result.stdout
   assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
@@ -44,3 +47,31 @@ def test_gpu_check_tiny_runs_on_cpu():
         out), out
   assert re.search(r'target MFU >= 50%: n/a', out), out
   assert re.search(r'target mimjax/PyTorch >= 1.5x: ([\d.]+x )?n/a', out), out
+  # --variant: mimjax once more, in its own process, with the variant's
+  # arguments (a batch of 2) and XLA flags.
+  assert re.search(r"^gpu_check: variant '--batch=2 XLA_FLAGS=", out, re.M), out
+  assert re.search(r'^mimjax: [\d.]+ img/s \(median of 3 steps, [\d.]+ '
+                   r'ms/step, batch 2\)', out, re.M), out
+  assert re.search(r"^  variant '--batch=2 .*': [\d.]+ img/s, MFU n/a, "
+                   r'compile [\d.]+ s; [\d.]+x the first run', out, re.M), out
+
+
+def test_gpu_check_variant_spec(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(REPO, 'benchmarks'))
+  import gpu_check  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('XLA_FLAGS', '--a=1')
+  extra, env = gpu_check.variant_run("--batch=8 XLA_FLAGS=--b=2 FOO='x y'")
+  assert extra == ['--batch=8']
+  assert env['XLA_FLAGS'] == '--a=1 --b=2' and env['FOO'] == 'x y'
+  with pytest.raises(SystemExit, match="'oops' is neither"):
+    gpu_check.variant_run('--batch=8 oops')
+
+
+def test_gpu_check_rejects_a_bad_variant_before_running():
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'gpu_check.py'),
+       '--tiny', '--variant=--batch=2 --bogus=1'],
+      capture_output=True, text=True, timeout=60, cwd=REPO)
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert 'unrecognized arguments: --bogus=1' in result.stderr
+  assert 'gpu_check: ' not in result.stdout  # nothing ran
