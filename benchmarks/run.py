@@ -39,6 +39,7 @@ import importlib.metadata
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -50,7 +51,7 @@ if ROOT not in sys.path:
 
 if __name__ == '__main__':
   from mimjax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reexec_with_huge_pages()  # both frameworks' steps run under it
+  host_memory.reexec_with_tunables()  # both frameworks' steps run under it
   # The PyTorch peer shares the accelerator: JAX takes memory as it needs it
   # rather than 75% of the device up front.
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
@@ -416,6 +417,31 @@ def _versions(peer) -> dict:
               tensorflow=dist('tensorflow', 'tensorflow-cpu'))
 
 
+# The x86 vector extensions XLA's and PyTorch's CPU matmuls choose kernels by.
+CPU_ISA = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16')
+
+
+def host_cpu() -> dict:
+  """The host CPU's model, the cores this process may use, and which of
+  CPU_ISA it has: CPU runs on different hosts do not compare."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() == 'model name':
+          model = value.strip()
+        elif key.strip() == 'flags':
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+           else os.cpu_count())
+  return dict(model=model, cores=cores,
+              isa=[name for name in CPU_ISA if name in flags])
+
+
 def _finite(tree):
   """The record with non-finite floats as None (strict JSON)."""
   if isinstance(tree, dict):
@@ -446,6 +472,14 @@ def _flop(x) -> str:
     if x >= scale:
       return f'{x / scale:.3g} {unit}FLOP'
   return f'{x:.3g} FLOP'
+
+
+def _spread(ratios: list[float]) -> str:
+  """The per-round ratios' range, mean and standard deviation."""
+  std = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+  return (f'{len(ratios)} rounds of turns: {min(ratios):.2f}x to '
+          f'{max(ratios):.2f}x, mean {statistics.mean(ratios):.2f}x '
+          f'± {std:.2f}')
 
 
 def report(bench: Bench, r: dict, batch: int, peak: float | None,
@@ -486,8 +520,7 @@ def report(bench: Bench, r: dict, batch: int, peak: float | None,
         f'(median {1e3 * r["peer_step_s"]:.1f} ms; {_host(r["peer_host"])})')
     say(f'  ratio mimjax/PyTorch: {r["ratio"]:.2f}x (mimjax '
         f'{r["img_per_s"]:.1f} img/s, PyTorch {r["peer_img_per_s"]:.1f} '
-        f'img/s; {len(r["round_ratios"])} rounds of turns: '
-        f'{min(r["round_ratios"]):.2f}x to {max(r["round_ratios"]):.2f}x)')
+        f'img/s; {_spread(r["round_ratios"])})')
     say('  switch    the untimed first step of each turn: mimjax median '
         f'{1e3 * statistics.median(r["switch_step_s_all"]):.1f} ms, PyTorch '
         f'{1e3 * statistics.median(r["peer_switch_step_s_all"]):.1f} ms')
@@ -533,6 +566,11 @@ def main(argv=None):
   say('  ' + ', '.join(f'{k} {v}' for k, v in versions.items() if v)
       + (f'; peak {peak:g} TFLOP/s per chip (dense bf16)' if peak else
          '; no peak known'))
+  cpu = host_cpu()
+  say(f'  host CPU {cpu["model"]}, {cpu["cores"]} cores; '
+      + ', '.join(cpu['isa'] or ['none of ' + ', '.join(CPU_ISA)])
+      + ''.join(f', no {name}' for name in CPU_ISA
+                if cpu['isa'] and name not in cpu['isa']))
   for name in ('XLA_FLAGS', 'GLIBC_TUNABLES'):
     if os.environ.get(name):
       say(f'  {name}={os.environ[name]}')
@@ -551,6 +589,7 @@ def main(argv=None):
       quick=args.quick, versions=versions,
       device=dict(backend=backend, kind=kind, count=count,
                   peak_tflops_per_chip=peak),
+      host_cpu=cpu,
       batch=args.batch, dtype=dtype, warmup=args.warmup, steps=args.steps,
       xla_flags=os.environ.get('XLA_FLAGS') or None,
       glibc_tunables=os.environ.get('GLIBC_TUNABLES') or None,

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 
@@ -68,6 +69,10 @@ def test_quick_run(tmp_path):
   for key in ('jax', 'jaxlib', 'flax'):
     assert record['versions'][key]
   assert record['device']['count'] >= 1 and record['device']['kind']
+  cpu = record['host_cpu']
+  assert cpu['model'] and cpu['cores'] >= 1
+  assert set(cpu['isa']) <= {'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16'}
+  assert f'host CPU {cpu["model"]}, {cpu["cores"]} cores' in proc.stdout
   configs = record['configurations']
   names = [c['name'] for c in configs]
   assert names[:2] == ['ViT-B/16 MAE pre-train', 'ViT-B/16 fine-tune']
@@ -105,6 +110,9 @@ def test_quick_run(tmp_path):
                  if l.strip().startswith('ratio mimjax/PyTorch: ')]
   if has_peer:
     assert len(ratio_lines) == len(configs), proc.stdout
+    for line, c in zip(ratio_lines, configs):
+      rounds = c['round_ratios']
+      assert f'mean {statistics.mean(rounds):.2f}x ± ' in line, line
   else:
     assert not ratio_lines and 'PyTorch peer skipped' in proc.stdout
   assert proc.stdout.count(' page faults per step') == len(configs) * (
