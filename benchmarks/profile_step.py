@@ -82,5 +82,5 @@ def main(argv=None):
 
 if __name__ == '__main__':
   from mimjax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reexec_with_huge_pages()  # as `make bench` runs the step
+  host_memory.reexec_with_tunables()  # as `make bench` runs the step
   main()

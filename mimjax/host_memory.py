@@ -1,24 +1,39 @@
-"""Transparent huge pages for XLA:CPU's host buffers.
+"""glibc malloc tunables for XLA:CPU's host buffers.
 
-XLA:CPU maps a step's large buffers afresh on every call, and with 4 KiB
-pages the kernel faults on each page the step first writes: the ViT-B/16
-MAE step at batch 16 took about 626,000 page faults and over 1 s of system
-time per step (docs/performance.md). glibc's malloc asks the kernel for
-transparent huge pages when its tunable `glibc.malloc.hugetlb=1` is set, but
-reads its tunables only when a process starts. So the command-line entry
-points call `reexec_with_huge_pages()` first: where the tunable would help
-and is not set, the process starts again, once, with it set.
+XLA:CPU allocates a step's large buffers (the ViT-B/16 MAE step at batch
+16: 2.3 GiB of temporaries) on every call and frees them after it. With
+glibc's defaults each such buffer is a fresh mapping, and the kernel faults
+in and zeroes every page the step first writes: about 626,000 faults and
+over 1 s of system time per step with 4 KiB pages (docs/performance.md).
+Two sets of tunables help:
 
-MIMJAX_HUGE_PAGES=0 turns this off.
+  * huge pages, `glibc.malloc.hugetlb=1`: malloc asks the kernel for 2 MiB
+    pages, some 300 times fewer faults (kernels in THP 'madvise' mode);
+  * reuse, on request (MIMJAX_REUSE_HOST_MEMORY=1), `glibc.malloc.arena_max=1`,
+    `mmap_max=0` and a trim threshold no heap reaches: large blocks come
+    from the one heap, and what a step frees stays mapped for the next, so
+    a steady step faults no pages at all. The process keeps its peak
+    memory, and all threads share one malloc arena, which made XLA's
+    compilation slower (docs/performance.md): a trade for long CPU runs.
+    Only where the CPU runs the steps: with a GPU or TPU, the host holds
+    no step buffers.
+
+glibc reads its tunables only when a process starts, so the command-line
+entry points call `reexec_with_tunables()` first: where a tunable would
+help and is not set, the process starts again, once, with it set.
+MIMJAX_HUGE_PAGES=0 turns huge pages off.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
 
-TUNABLE = 'glibc.malloc.hugetlb=1'
+HUGE_PAGES = ('glibc.malloc.hugetlb=1',)
+REUSE = ('glibc.malloc.arena_max=1', 'glibc.malloc.mmap_max=0',
+         f'glibc.malloc.trim_threshold={2**62}')
 THP_MODE = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
@@ -41,26 +56,50 @@ def _thp_mode() -> str | None:
   return found[1] if found else None
 
 
-def wanted(environ, glibc: tuple[int, int] | None, thp: str | None) -> bool:
-  """Whether to restart with the tunable: glibc >= 2.35 (which has it), a
-  kernel that gives huge pages on request ('madvise'; 'always' gives them
-  unasked), the tunable not set yet, and no MIMJAX_HUGE_PAGES=0."""
-  return (environ.get('MIMJAX_HUGE_PAGES', '1') != '0'
-          and glibc is not None and glibc >= (2, 35) and thp == 'madvise'
-          and 'glibc.malloc.hugetlb' not in environ.get('GLIBC_TUNABLES', ''))
+def _cpu_runs_steps(environ) -> bool:
+  """Whether jax will run on the CPU: JAX_PLATFORMS names it first, or,
+  unset, no accelerator plugin (jax_plugins.*, libtpu) is installed."""
+  platforms = environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  return not any(importlib.util.find_spec(name) is not None
+                 for name in ('jax_plugins', 'libtpu'))
 
 
-def reexec_with_huge_pages() -> None:
-  """Starts this program again with glibc's huge-page tunable, where
-  `wanted`; returns where not. Call it first thing in a program's main
-  block, never from a library function (it replaces the process)."""
+def missing(environ, glibc: tuple[int, int] | None, thp: str | None,
+            on_cpu: bool) -> list[str]:
+  """The tunables to restart with: huge pages with glibc >= 2.35 (which
+  has the tunable) on a kernel that gives them on request ('madvise';
+  'always' gives them unasked); reuse with glibc where the CPU runs the
+  steps and MIMJAX_REUSE_HOST_MEMORY=1 asks for it; neither where
+  GLIBC_TUNABLES already sets it or it is turned off.
+  """
+  if glibc is None:  # not glibc
+    return []
+  wanted = []
+  if (environ.get('MIMJAX_HUGE_PAGES', '1') != '0' and glibc >= (2, 35)
+      and thp == 'madvise'):
+    wanted += HUGE_PAGES
+  if environ.get('MIMJAX_REUSE_HOST_MEMORY') == '1' and on_cpu:
+    wanted += REUSE
+  have = environ.get('GLIBC_TUNABLES', '')
+  return [t for t in wanted if t.split('=')[0] not in have]
+
+
+def reexec_with_tunables() -> None:
+  """Starts this program again with the `missing` tunables; returns where
+  none is missing. Call it first thing in a program's main block, never
+  from a library function (it replaces the process)."""
   argv = getattr(sys, 'orig_argv', [])
-  if (len(argv) < 2 or argv[1] == '-' or
-      not wanted(os.environ, _glibc_version(), _thp_mode())):
+  if len(argv) < 2 or argv[1] == '-':
     return
-  tunables = os.environ.get('GLIBC_TUNABLES')
+  tunables = missing(os.environ, _glibc_version(), _thp_mode(),
+                     _cpu_runs_steps(os.environ))
+  if not tunables:
+    return
+  have = os.environ.get('GLIBC_TUNABLES')
   env = dict(os.environ,
-             GLIBC_TUNABLES=f'{tunables}:{TUNABLE}' if tunables else TUNABLE)
+             GLIBC_TUNABLES=':'.join(([have] if have else []) + tunables))
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, argv, env)

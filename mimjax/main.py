@@ -116,5 +116,5 @@ def flag_error(e: BaseException) -> str:
 
 
 if __name__ == '__main__':
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_tunables()
   app.run(main, flags_parser=parse_flags)

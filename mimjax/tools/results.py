@@ -208,5 +208,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_tunables()
   app.run(main)
