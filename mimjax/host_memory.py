@@ -9,14 +9,14 @@ Two sets of tunables help:
 
   * huge pages, `glibc.malloc.hugetlb=1`: malloc asks the kernel for 2 MiB
     pages, some 300 times fewer faults (kernels in THP 'madvise' mode);
-  * reuse, on request (MIMJAX_REUSE_HOST_MEMORY=1), `glibc.malloc.arena_max=1`,
-    `mmap_max=0` and a trim threshold no heap reaches: large blocks come
-    from the one heap, and what a step frees stays mapped for the next, so
-    a steady step faults no pages at all. The process keeps its peak
-    memory, and all threads share one malloc arena, which made XLA's
-    compilation slower (docs/performance.md): a trade for long CPU runs.
-    Only where the CPU runs the steps: with a GPU or TPU, the host holds
-    no step buffers.
+  * reuse, on request (MIMJAX_REUSE_HOST_MEMORY=1): one malloc arena
+    (`glibc.malloc.arena_max=1`), no mmap (`mmap_max=0`) and a trim
+    threshold no heap reaches, so large blocks come from the one heap and
+    what a step frees stays mapped for the next: a steady step faults no
+    pages at all. The process keeps its peak memory, and all threads share
+    the arena, which made XLA's compilation slower (docs/performance.md):
+    a trade for long CPU runs. Only where the CPU runs the steps: with a
+    GPU or TPU, the host holds no step buffers.
 
 glibc reads its tunables only when a process starts, so the command-line
 entry points call `reexec_with_tunables()` first: where a tunable would
