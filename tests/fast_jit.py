@@ -19,3 +19,11 @@ def _fast_compile_options():
 
 
 FAST = _fast_compile_options()
+
+
+def fast_xla_flags(flags: str = '') -> str:
+  """FAST as XLA_FLAGS after `flags`, for tests that run a subprocess
+  (compile times there are reported or waited for, never judged)."""
+  fast = ' '.join(f'--{k}={str(v).lower() if isinstance(v, bool) else v}'
+                  for k, v in FAST.items())
+  return f'{flags} {fast}'.strip()

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from fast_jit import FAST
+from fast_jit import fast_xla_flags
 from mimjax import flops
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -45,10 +45,8 @@ def test_peak_table():
 def _fast_env():
   """This environment with XLA_FLAGS that compile the tiny steps fast
   (tests/fast_jit.py): compile times are reported, not judged."""
-  flags = ' '.join(f'--{k}={str(v).lower() if isinstance(v, bool) else v}'
-                   for k, v in FAST.items())
-  return dict(os.environ, XLA_FLAGS=(
-      f'{os.environ.get("XLA_FLAGS", "")} {flags}'.strip()))
+  return dict(os.environ,
+              XLA_FLAGS=fast_xla_flags(os.environ.get('XLA_FLAGS', '')))
 
 
 def _positive(x):

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from fast_jit import fast_xla_flags
 from mimjax import checkpoint
 import mesh_equivalence
 
@@ -28,12 +29,16 @@ def _free_port():
 
 
 def _launch(workdir, data_dir, steps, process_id=None, port=None, extra=()):
+  """mimjax.main on tiny_config, alone or as one of two processes; XLA
+  compiles fast (tests/fast_jit.py), alike in both kinds of run."""
   env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'JAX_PLATFORMS': 'cpu',
          'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo'}
   if process_id is None:
-    env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+    env['XLA_FLAGS'] = fast_xla_flags(
+        '--xla_force_host_platform_device_count=4')
   else:
-    env.update({'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+    env.update({'XLA_FLAGS': fast_xla_flags(
+                    '--xla_force_host_platform_device_count=2'),
                 'MIMJAX_COORDINATOR': f'localhost:{port}',
                 'MIMJAX_NUM_PROCESSES': '2',
                 'MIMJAX_PROCESS_ID': str(process_id),

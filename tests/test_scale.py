@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+from fast_jit import fast_xla_flags
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 EIGHT = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
          'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
@@ -20,8 +22,11 @@ def _python(args, env):
 
 
 def test_meshes_match_single_device():
+  # Fast-compiling XLA (tests/fast_jit.py) for its 12 programs: the meshes
+  # and the single device are compiled alike, and compared with each other.
+  env = dict(EIGHT, XLA_FLAGS=fast_xla_flags(EIGHT['XLA_FLAGS']))
   results = json.loads(_python([os.path.join(HERE, 'mesh_equivalence.py')],
-                               EIGHT))
+                               env))
   assert len(results) == 10
   for name, r in results.items():
     assert r['loss_diff'] < 1e-5, (name, r)
