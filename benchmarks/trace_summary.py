@@ -19,7 +19,7 @@ import re
 # Host trace events that are not XLA operations (executor, Python, runtime).
 NOT_OPS = ('ThunkExecutor', '$', 'SlinkyThreadPool', 'ThreadpoolListener',
            'end:', 'PjitFunction', 'CommonPjRt', 'ParseArguments',
-           'Handle inputs', 'TfrtCpu')
+           'Handle input', 'TfrtCpu', 'Wait for')
 
 
 def _events(trace_dir: str):
