@@ -567,10 +567,8 @@ def main(argv=None):
       + (f'; peak {peak:g} TFLOP/s per chip (dense bf16)' if peak else
          '; no peak known'))
   cpu = host_cpu()
-  say(f'  host CPU {cpu["model"]}, {cpu["cores"]} cores; '
-      + ', '.join(cpu['isa'] or ['none of ' + ', '.join(CPU_ISA)])
-      + ''.join(f', no {name}' for name in CPU_ISA
-                if cpu['isa'] and name not in cpu['isa']))
+  say(f'  host CPU {cpu["model"]}, {cpu["cores"]} cores; ' + ', '.join(
+      name if name in cpu['isa'] else f'no {name}' for name in CPU_ISA))
   for name in ('XLA_FLAGS', 'GLIBC_TUNABLES'):
     if os.environ.get(name):
       say(f'  {name}={os.environ[name]}')

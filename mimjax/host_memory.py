@@ -82,7 +82,7 @@ def missing(environ, glibc: tuple[int, int] | None, thp: str | None,
     wanted += HUGE_PAGES
   if environ.get('MIMJAX_REUSE_HOST_MEMORY') == '1' and on_cpu:
     wanted += REUSE
-  have = environ.get('GLIBC_TUNABLES', '')
+  have = {t.split('=')[0] for t in environ.get('GLIBC_TUNABLES', '').split(':')}
   return [t for t in wanted if t.split('=')[0] not in have]
 
 
