@@ -1,0 +1,125 @@
+"""Variants of the recipe's train step, compiled in one process and timed in
+turns (`timing.taking_turns`, as `make bench` times mimjax and its peer).
+
+  python benchmarks/ab_step.py [--kind=pretrain|finetune] [--batch=16]
+      [--timed=10] [--quick] VARIANT [VARIANT ...]
+
+A VARIANT is one of VARIANTS. The first is the baseline: for each other one
+it prints the ratio of the baseline's median step time to the variant's
+(above 1: the variant is faster), with its range over the rounds. A change
+to the step proves itself here when every round agrees; the spread between
+two builds of the same step is about ±4% on a 2-core CPU
+(docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run as bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from timing import taking_turns  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@contextlib.contextmanager
+def _patched(obj, name, value):
+  saved = getattr(obj, name)
+  setattr(obj, name, value)
+  try:
+    yield
+  finally:
+    setattr(obj, name, saved)
+
+
+def _xla_backward():
+  from mimjax.models import vit  # pylint: disable=g-import-not-at-top
+  return _patched(vit, 'linear',
+                  lambda x, kernel: jnp.einsum('...d,df->...f', x, kernel))
+
+
+def _compiler_options(extra):
+  from mimjax.training import state  # pylint: disable=g-import-not-at-top
+  options = state.compiler_options
+  return _patched(state, 'compiler_options',
+                  lambda mesh: {**(options(mesh) or {}), **extra})
+
+
+VARIANTS = {
+    'default': ('the step as the recipe builds it', contextlib.nullcontext),
+    'xla_backward': ("vit.linear's products differentiated by jax itself, "
+                     'without its backward pass for XLA:CPU', _xla_backward),
+    'onednn': ('XLA:CPU matmuls through oneDNN',
+               lambda: _compiler_options({'xla_cpu_use_onednn': True})),
+}
+
+
+def build(kind: str, batch: int, quick: bool):
+  """A blocking call of one train step of the recipe, and a dict that holds
+  its last metrics."""
+  from mimjax import build as build_lib, sharding  # pylint: disable=g-import-not-at-top
+  from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  bench = next(b for b in bench_lib.benches(on_cpu=True) if b.kind == kind)
+  dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  config = bench_lib.make_config(bench, batch, dtype, quick)
+  mesh, rules = build_lib.setup(config)
+  recipe = bench_lib._recipe(bench, config, mesh)  # pylint: disable=protected-access
+  state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
+                                      config.seed, mesh, rules)
+  train_step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings,
+                                         mesh, rules)
+  size, rng = recipe.image_size, np.random.default_rng(0)
+  images = sharding.global_batch({
+      'image': rng.standard_normal((batch, size, size, 3), np.float32),
+      'label': rng.integers(0, 1000, (batch,), np.int32)}, mesh)
+  with sharding.active(mesh, rules):
+    compiled = train_step.jitted.lower(state, images).compile()
+  held = {'state': state}
+
+  def step():
+    held['state'], held['metrics'] = compiled(held['state'], images)
+    jax.block_until_ready(held)
+  return step, held
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('variants', nargs='+', choices=sorted(VARIANTS))
+  parser.add_argument('--kind', default='pretrain',
+                      choices=('pretrain', 'finetune'))
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--timed', type=int, default=10)
+  parser.add_argument('--quick', action='store_true', help='tiny sizes')
+  args = parser.parse_args(argv)
+  if len(set(args.variants)) != len(args.variants):
+    parser.error('each variant once')
+  steps, held = {}, {}
+  for name in args.variants:
+    with VARIANTS[name][1]():  # compiled inside, run after
+      steps[name], held[name] = build(args.kind, args.batch, args.quick)
+  times, rounds = taking_turns(steps, 2, args.timed)
+  print(f'{args.kind}, batch {args.batch}, {jax.default_backend()}: '
+        f'{args.timed} timed steps each, in turns')
+  for name in args.variants:
+    loss = float(held[name]['metrics']['loss'])
+    print(f'  {name:14s} median {times[name][0] * 1e3:9.1f} ms, '
+          f'loss {loss:.6f}  ({VARIANTS[name][0]})')
+  base = args.variants[0]
+  for name in args.variants[1:]:
+    ratios = [r[base] / r[name] for r in rounds]
+    print(f'  {name} against {base}: {times[base][0] / times[name][0]:.3f}x '
+          f'({len(ratios)} rounds: {min(ratios):.3f}x to {max(ratios):.3f}x, '
+          f'mean {statistics.mean(ratios):.3f}x)')
+
+
+if __name__ == '__main__':
+  from mimjax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_tunables()  # as `make bench` runs the step
+  main()
