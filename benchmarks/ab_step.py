@@ -21,7 +21,6 @@ import statistics
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -39,12 +38,6 @@ def _patched(obj, name, value):
     setattr(obj, name, saved)
 
 
-def _xla_backward():
-  from mimjax.models import vit  # pylint: disable=g-import-not-at-top
-  return _patched(vit, 'linear',
-                  lambda x, kernel: jnp.einsum('...d,df->...f', x, kernel))
-
-
 def _compiler_options(extra):
   from mimjax.training import state  # pylint: disable=g-import-not-at-top
   options = state.compiler_options
@@ -54,10 +47,11 @@ def _compiler_options(extra):
 
 VARIANTS = {
     'default': ('the step as the recipe builds it', contextlib.nullcontext),
-    'xla_backward': ("vit.linear's products differentiated by jax itself, "
-                     'without its backward pass for XLA:CPU', _xla_backward),
     'onednn': ('XLA:CPU matmuls through oneDNN',
                lambda: _compiler_options({'xla_cpu_use_onednn': True})),
+    'eigen': ('XLA:CPU matmuls through Eigen, none through YNNPACK',
+              lambda: _compiler_options(
+                  {'xla_cpu_experimental_ynn_fusion_type': ''})),
 }
 
 

@@ -125,18 +125,18 @@ def test_quick_run(tmp_path):
 
 def test_ab_step_times_variants_of_the_same_step():
   """benchmarks/ab_step.py --quick: both variants compute the same loss (the
-  XLA:CPU backward pass changes no result) and a ratio line is printed; no
-  speed is asserted."""
+  matmul library changes no result beyond rounding) and a ratio line is
+  printed; no speed is asserted."""
   proc = subprocess.run(
       [sys.executable, str(ROOT / 'benchmarks' / 'ab_step.py'), '--quick',
-       '--batch=4', '--timed=2', 'default', 'xla_backward'],
+       '--batch=4', '--timed=2', 'default', 'eigen'],
       cwd=ROOT, env=_fast_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   losses = [float(l.split('loss ')[1].split()[0])
             for l in proc.stdout.splitlines() if ' median ' in l]
-  assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+  assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
   ratio = next(l for l in proc.stdout.splitlines()
-               if 'xla_backward against default:' in l)
+               if 'eigen against default:' in l)
   assert _positive(float(ratio.split(':')[1].split('x')[0])), proc.stdout
 
 

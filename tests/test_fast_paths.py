@@ -1,8 +1,7 @@
 """The step's faster formulations (docs/performance.md) compute what the
 plain ones compute: heads-major attention on CPU, the token-major layout
 and padded odd lengths that cuDNN gets on GPU, q, k and v as one matmul,
-a softmax whose backward keeps only its output, GELU through erf, and the
-matmuls' backward pass for XLA:CPU."""
+a softmax whose backward keeps only its output, and GELU through erf."""
 
 import contextlib
 import io
@@ -102,42 +101,3 @@ def test_mlp_gelu_is_the_exact_gelu():
           params['fc2']['bias'])
   np.testing.assert_allclose(mlp.apply({'params': params}, x), want,
                              rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize('features', [16, 4])  # copies x, or the gradient
-def test_linear_gradient_is_the_einsum_gradient(features):
-  keys = jax.random.split(jax.random.key(7), 3)
-  x = jax.random.normal(keys[0], (2, 7, 8))
-  kernel = jax.random.normal(keys[1], (8, features))
-  cotangent = jax.random.normal(keys[2], (2, 7, features))
-  einsum = lambda x, kernel: jnp.einsum('bnd,df->bnf', x, kernel)
-  (got, got_vjp), (want, want_vjp) = (jax.vjp(fn, x, kernel)
-                                      for fn in (vit.linear, einsum))
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-  for got, want in zip(got_vjp(cotangent), want_vjp(cotangent)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize('features', [16, 4])
-def test_linear_backward_leaves_no_product_to_eigen(features):
-  """XLA:CPU runs a product with row-major operands in YNNPACK (a
-  `__ynn_fusion`); one that contracts a transposed operand becomes a plain
-  `dot`, which Eigen runs, as einsum's weight gradient does."""
-  x, kernel = jnp.ones((2, 64, 32)), jnp.ones((32, features * 8))
-  grad = jax.jit(jax.grad(lambda x, kernel: (vit.linear(x, kernel)**2).sum(),
-                          argnums=(0, 1)))
-  compiled = grad.lower(x, kernel).compile().as_text()
-  if '__ynn_fusion' not in compiled:
-    pytest.skip('this jaxlib runs no matmul in YNNPACK')
-  entry = compiled[compiled.index('\nENTRY'):]
-  assert ' dot(' not in entry, entry
-
-
-def test_dense_takes_its_product_through_linear():
-  dense = nn.Dense(4, dot_general=vit.dense_dot_general)
-  x = jnp.ones((2, 3, 5))
-  params = dense.init(jax.random.key(8), x)
-  np.testing.assert_allclose(dense.apply(params, x),
-                             nn.Dense(4).apply(params, x), rtol=1e-6)
-  with pytest.raises(ValueError, match='nn.Dense'):
-    vit.dense_dot_general(x, jnp.ones((3, 4)), (((1,), (0,)), ((), ())))

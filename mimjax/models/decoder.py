@@ -36,7 +36,6 @@ class Decoder(nn.Module):
     if grid[0] * grid[1] != num_patches:
       raise ValueError(f'grid {grid} does not have {num_patches} patches')
     x = nn.Dense(self.width, dtype=self.dtype, name='embed',
-                 dot_general=vit.dense_dot_general,
                  kernel_init=vit.logical(vit.xavier, (None, 'embed')),
                  bias_init=vit.logical(nn.initializers.zeros,
                                        ('embed',)))(tokens)
@@ -58,7 +57,6 @@ class Decoder(nn.Module):
     )(x, train=train)
     x = vit.layer_norm('norm', self.norm_eps, self.dtype)(x)
     x = nn.Dense(self.out_dim, dtype=self.dtype, name='pred',
-                 dot_general=vit.dense_dot_general,
                  kernel_init=vit.logical(vit.xavier, ('embed', None)),
                  bias_init=vit.logical(nn.initializers.zeros, (None,)))(x)
     return x[:, 1:].astype(jnp.float32)

@@ -122,65 +122,6 @@ def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, ids[..., None], axis=1)
 
 
-# ---------------------------------------------------------------- matmuls
-
-
-def transposed(x):
-  """x with its last two axes swapped, as a copy in memory. The barriers
-  keep XLA from folding the transpose into the product that makes or
-  takes it, which would leave that product's operand transposed."""
-  barrier = jax.lax.optimization_barrier
-  return barrier(jnp.swapaxes(barrier(x), -1, -2))
-
-
-@jax.custom_vjp
-def linear(x, kernel):
-  """x @ kernel over x's last axis, with a backward pass for XLA:CPU.
-
-  The kernel's gradient Σ_n x[n]ᵀ g[n] contracts the tokens, the first
-  axis of both operands. XLA:CPU gives such a product to Eigen, after a
-  transposed copy of the larger operand; here the smaller one is copied,
-  and YNNPACK runs the product with both operands row-major
-  (docs/performance.md).
-  """
-  return jnp.einsum('...d,df->...f', x, kernel)
-
-
-def _linear_fwd(x, kernel):
-  return linear(x, kernel), (x, kernel)
-
-
-def _linear_bwd(residuals, g):
-  x, kernel = residuals
-  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-  if x2.shape[1] <= g2.shape[1]:
-    dkernel = transposed(x2) @ g2
-  else:
-    dkernel = transposed(transposed(g2) @ x2)
-  return jnp.einsum('...f,df->...d', g, kernel), dkernel
-
-
-linear.defvjp(_linear_fwd, _linear_bwd)
-
-
-def matmul(x, kernel):
-  """x @ kernel (2-D) over x's last axis: `linear` on CPU; elsewhere the
-  compiler's own backward pass (GPU and TPU matmuls take transposed
-  operands as they are)."""
-  if jax.default_backend() == 'cpu':
-    return linear(x, kernel)
-  return jnp.einsum('...d,df->...f', x, kernel)
-
-
-def dense_dot_general(x, kernel, dimension_numbers, precision=None,
-                      preferred_element_type=None):
-  """nn.Dense's product, through `matmul`."""
-  if (dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or
-      precision is not None or preferred_element_type is not None):
-    raise ValueError('dense_dot_general takes only nn.Dense\'s own product')
-  return matmul(x, kernel)
-
-
 # ---------------------------------------------------------------- blocks
 
 
@@ -211,7 +152,8 @@ class PatchEmbed(nn.Module):
     bias = self.param('bias', logical(nn.initializers.zeros, ('embed',)),
                       (self.width,))
     kernel = kernel.reshape(-1, self.width).astype(self.dtype)
-    return matmul(patches.astype(self.dtype), kernel) + bias.astype(self.dtype)
+    return (jnp.einsum('bkp,pd->bkd', patches.astype(self.dtype), kernel) +
+            bias.astype(self.dtype))
 
 
 class HeadsWeights(nn.Module):
@@ -241,16 +183,14 @@ class HeadsOut(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    if self.heads_major:
-      x = x.transpose(0, 2, 1, 3)
-    b, n, *heads = x.shape
+    spec = 'bhnk' if self.heads_major else 'bnhk'
+    heads = (x.shape[spec.index('h')], x.shape[3])
     kernel = self.param('kernel', logical(out_init, ('heads', 'kv', 'embed')),
                         (*heads, self.width))
     bias = self.param('bias', logical(nn.initializers.zeros, ('embed',)),
                       (self.width,))
-    x = x.reshape(b, n, -1).astype(self.dtype)
-    kernel = kernel.reshape(-1, self.width).astype(self.dtype)
-    return matmul(x, kernel) + bias.astype(self.dtype)
+    return (jnp.einsum(f'{spec},hkd->bnd', x.astype(self.dtype),
+                       kernel.astype(self.dtype)) + bias.astype(self.dtype))
 
 
 @jax.custom_vjp
@@ -341,14 +281,11 @@ class Attention(nn.Module):
     kernel = jnp.stack([w for w, _ in weights], axis=1).astype(self.dtype)
     bias = jnp.stack([b for _, b in weights]).astype(self.dtype)
     gpu = jax.default_backend() == 'gpu'
-    order, names, bias = (  # from (B, N, 3, heads, head_dim)
-        ((2, 0, 1, 3, 4), ('batch', 'length', 'heads', 'kv'),
-         bias[:, None, None])
+    spec, names, bias = (
+        ('tbnhk', ('batch', 'length', 'heads', 'kv'), bias[:, None, None])
         if gpu else
-        ((2, 0, 3, 1, 4), ('batch', 'heads', 'length', 'kv'),
-         bias[:, None, :, None]))
-    qkv = matmul(x.astype(self.dtype), kernel.reshape(width, -1))
-    qkv = qkv.reshape(*x.shape[:2], 3, *dims).transpose(order) + bias
+        ('tbhnk', ('batch', 'heads', 'length', 'kv'), bias[:, None, :, None]))
+    qkv = jnp.einsum(f'bnd,dthk->{spec}', x.astype(self.dtype), kernel) + bias
     q, k, v = (constrain(y, names) for y in qkv)
     out = gpu_attention(q, k, v) if gpu else attend(q, k, v)
     return HeadsOut(width, self.dtype, heads_major=not gpu, name='out')(out)
@@ -362,7 +299,6 @@ class Mlp(nn.Module):
   def __call__(self, x):
     width = x.shape[-1]
     x = nn.Dense(self.hidden, dtype=self.dtype, name='fc1',
-                 dot_general=dense_dot_general,
                  kernel_init=logical(xavier, ('embed', 'mlp')),
                  bias_init=logical(nn.initializers.zeros, ('mlp',)))(x)
     # torch's nn.GELU default, as torch writes it: through erf, which XLA
@@ -370,7 +306,6 @@ class Mlp(nn.Module):
     x = 0.5 * x * (1 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
     x = constrain(x, ('batch', 'length', 'mlp'))
     return nn.Dense(width, dtype=self.dtype, name='fc2',
-                    dot_general=dense_dot_general,
                     kernel_init=logical(xavier, ('mlp', 'embed')),
                     bias_init=logical(nn.initializers.zeros, ('embed',)))(x)
 
