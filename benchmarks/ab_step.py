@@ -21,7 +21,6 @@ import statistics
 import sys
 
 import jax
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -55,34 +54,6 @@ VARIANTS = {
 }
 
 
-def build(kind: str, batch: int, quick: bool):
-  """A blocking call of one train step of the recipe, and a dict that holds
-  its last metrics."""
-  from mimjax import build as build_lib, sharding  # pylint: disable=g-import-not-at-top
-  from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  bench = next(b for b in bench_lib.benches(on_cpu=True) if b.kind == kind)
-  dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
-  config = bench_lib.make_config(bench, batch, dtype, quick)
-  mesh, rules = build_lib.setup(config)
-  recipe = bench_lib._recipe(bench, config, mesh)  # pylint: disable=protected-access
-  state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
-                                      config.seed, mesh, rules)
-  train_step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings,
-                                         mesh, rules)
-  size, rng = recipe.image_size, np.random.default_rng(0)
-  images = sharding.global_batch({
-      'image': rng.standard_normal((batch, size, size, 3), np.float32),
-      'label': rng.integers(0, 1000, (batch,), np.int32)}, mesh)
-  with sharding.active(mesh, rules):
-    compiled = train_step.jitted.lower(state, images).compile()
-  held = {'state': state}
-
-  def step():
-    held['state'], held['metrics'] = compiled(held['state'], images)
-    jax.block_until_ready(held)
-  return step, held
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('variants', nargs='+', choices=sorted(VARIANTS))
@@ -97,7 +68,8 @@ def main(argv=None):
   steps, held = {}, {}
   for name in args.variants:
     with VARIANTS[name][1]():  # compiled inside, run after
-      steps[name], held[name] = build(args.kind, args.batch, args.quick)
+      _, _, steps[name], held[name] = bench_lib.recipe_step(
+          args.kind, args.batch, args.quick)
   times, rounds = taking_turns(steps, 2, args.timed)
   print(f'{args.kind}, batch {args.batch}, {jax.default_backend()}: '
         f'{args.timed} timed steps each, in turns')

@@ -22,7 +22,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -39,33 +38,16 @@ def main(argv=None):
   parser.add_argument('--quick', action='store_true', help='tiny sizes')
   parser.add_argument('--trace_dir', default='')
   args = parser.parse_args(argv)
-  from mimjax import build, sharding  # pylint: disable=g-import-not-at-top
-  from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-
-  bench = next(b for b in bench_lib.benches(on_cpu=True)
-               if b.kind == args.kind)
-  dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
-  config = bench_lib.make_config(bench, args.batch, dtype, args.quick)
-  mesh, rules = build.setup(config)
-  recipe = bench_lib._recipe(bench, config, mesh)  # pylint: disable=protected-access
-  state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
-                                      config.seed, mesh, rules)
-  step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings,
-                                   mesh, rules)
-  size, rng = recipe.image_size, np.random.default_rng(0)
-  batch = sharding.global_batch({
-      'image': rng.standard_normal((args.batch, size, size, 3), np.float32),
-      'label': rng.integers(0, 1000, (args.batch,), np.int32)}, mesh)
-  for _ in range(2):  # compile, warm up
-    state, metrics = step(state, batch)
-  jax.block_until_ready((state, metrics))
+  bench, dtype, step, _ = bench_lib.recipe_step(args.kind, args.batch,
+                                                args.quick)
+  for _ in range(2):  # warm up
+    step()
 
   trace_dir = args.trace_dir or tempfile.mkdtemp(prefix='mimjax_profile_')
   jax.profiler.start_trace(trace_dir)
   start = time.perf_counter()
   for _ in range(args.steps):
-    state, metrics = step(state, batch)
-  jax.block_until_ready((state, metrics))
+    step()
   wall = (time.perf_counter() - start) / args.steps
   jax.profiler.stop_trace()
 

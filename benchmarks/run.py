@@ -192,6 +192,35 @@ def _recipe(bench: Bench, config, mesh):
   return trainers.finetune_recipe(config, mesh, FAKE_NUM_TRAIN, NUM_CLASSES)
 
 
+def recipe_step(kind: str, batch: int, quick: bool):
+  """The recipe's train step on random images, compiled: (its Bench, dtype,
+  step: a blocking call of one step, held: its state and last metrics).
+  For profile_step.py and ab_step.py."""
+  from mimjax import build, sharding  # pylint: disable=g-import-not-at-top
+  from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  bench = next(b for b in benches(on_cpu=True) if b.kind == kind)
+  dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  config = make_config(bench, batch, dtype, quick)
+  mesh, rules = build.setup(config)
+  recipe = _recipe(bench, config, mesh)
+  state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
+                                      config.seed, mesh, rules)
+  train_step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings,
+                                         mesh, rules)
+  size, rng = recipe.image_size, np.random.default_rng(0)
+  images = sharding.global_batch({
+      'image': rng.standard_normal((batch, size, size, 3), np.float32),
+      'label': rng.integers(0, NUM_CLASSES, (batch,), np.int32)}, mesh)
+  with sharding.active(mesh, rules):
+    compiled = train_step.jitted.lower(state, images).compile()
+  held = {'state': state}
+
+  def step():
+    held['state'], held['metrics'] = compiled(held['state'], images)
+    jax.block_until_ready(held)
+  return bench, dtype, step, held
+
+
 def build_mimjax(bench: Bench, args, dtype: str):
   """Compiles the step unrolled and scanned, and readies the one the recipe
   uses (model.scan) for timing. Returns (numbers, the shape of what is run,
