@@ -6,16 +6,14 @@ turns (`timing.taking_turns`, as `make bench` times mimjax and its peer).
 
 A VARIANT is one of VARIANTS. The first is the baseline: for each other one
 it prints the ratio of the baseline's median step time to the variant's
-(above 1: the variant is faster), with its range over the rounds. A change
-to the step proves itself here when every round agrees; the spread between
-two builds of the same step is about ±4% on a 2-core CPU
-(docs/performance.md).
+(above 1: the variant is faster), with its range over the rounds. Single
+rounds spread widely on a small CPU (docs/performance.md): a change proves
+itself when every round agrees.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -27,30 +25,12 @@ import run as bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from timing import taking_turns  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-@contextlib.contextmanager
-def _patched(obj, name, value):
-  saved = getattr(obj, name)
-  setattr(obj, name, value)
-  try:
-    yield
-  finally:
-    setattr(obj, name, saved)
-
-
-def _compiler_options(extra):
-  from mimjax.training import state  # pylint: disable=g-import-not-at-top
-  options = state.compiler_options
-  return _patched(state, 'compiler_options',
-                  lambda mesh: {**(options(mesh) or {}), **extra})
-
-
+# name: (what it is, XLA options added to the step's own).
 VARIANTS = {
-    'default': ('the step as the recipe builds it', contextlib.nullcontext),
-    'onednn': ('XLA:CPU matmuls through oneDNN',
-               lambda: _compiler_options({'xla_cpu_use_onednn': True})),
+    'default': ('the step as the recipe builds it', {}),
+    'onednn': ('XLA:CPU matmuls through oneDNN', {'xla_cpu_use_onednn': True}),
     'eigen': ('XLA:CPU matmuls through Eigen, none through YNNPACK',
-              lambda: _compiler_options(
-                  {'xla_cpu_experimental_ynn_fusion_type': ''})),
+              {'xla_cpu_experimental_ynn_fusion_type': ''}),
 }
 
 
@@ -67,9 +47,8 @@ def main(argv=None):
     parser.error('each variant once')
   steps, held = {}, {}
   for name in args.variants:
-    with VARIANTS[name][1]():  # compiled inside, run after
-      _, _, steps[name], held[name] = bench_lib.recipe_step(
-          args.kind, args.batch, args.quick)
+    _, _, steps[name], held[name] = bench_lib.recipe_step(
+        args.kind, args.batch, args.quick, VARIANTS[name][1])
   times, rounds = taking_turns(steps, 2, args.timed)
   print(f'{args.kind}, batch {args.batch}, {jax.default_backend()}: '
         f'{args.timed} timed steps each, in turns')

@@ -192,14 +192,41 @@ def _recipe(bench: Bench, config, mesh):
   return trainers.finetune_recipe(config, mesh, FAKE_NUM_TRAIN, NUM_CLASSES)
 
 
-def recipe_step(kind: str, batch: int, quick: bool):
-  """The recipe's train step on random images, compiled: (its Bench, dtype,
-  step: a blocking call of one step, held: its state and last metrics).
-  For profile_step.py and ab_step.py."""
+def step_dtype() -> str:
+  """fp32 on CPU, bf16 compute (fp32 master weights) on accelerators."""
+  return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+
+
+def _random_batch(mesh, batch: int, size: int) -> dict:
+  """This process's share of a global batch of random images and labels."""
+  from mimjax import sharding  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  local = batch // jax.process_count()
+  return sharding.global_batch({
+      'image': rng.standard_normal((local, size, size, 3), np.float32),
+      'label': rng.integers(0, NUM_CLASSES, (local,), np.int32)}, mesh)
+
+
+def _stepper(holder: dict):
+  """A blocking call of one step: holder's 'compiled' step on its 'state'
+  and 'batch'; the new state and the metrics go back into holder."""
+  def step():
+    holder['state'], holder['metrics'] = holder['compiled'](holder['state'],
+                                                            holder['batch'])
+    jax.block_until_ready((holder['state'], holder['metrics']))
+  return step
+
+
+def recipe_step(kind: str, batch: int, quick: bool,
+                compiler_options: dict | None = None):
+  """The recipe's train step on random images, compiled (with
+  `compiler_options` added to the step's own XLA options): (its Bench,
+  dtype, step: a blocking call of one step, holder: its compiled step,
+  state and last metrics). For profile_step.py and ab_step.py."""
   from mimjax import build, sharding  # pylint: disable=g-import-not-at-top
   from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   bench = next(b for b in benches(on_cpu=True) if b.kind == kind)
-  dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  dtype = step_dtype()
   config = make_config(bench, batch, dtype, quick)
   mesh, rules = build.setup(config)
   recipe = _recipe(bench, config, mesh)
@@ -207,18 +234,12 @@ def recipe_step(kind: str, batch: int, quick: bool):
                                       config.seed, mesh, rules)
   train_step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings,
                                          mesh, rules)
-  size, rng = recipe.image_size, np.random.default_rng(0)
-  images = sharding.global_batch({
-      'image': rng.standard_normal((batch, size, size, 3), np.float32),
-      'label': rng.integers(0, NUM_CLASSES, (batch,), np.int32)}, mesh)
+  images = _random_batch(mesh, batch, recipe.image_size)
   with sharding.active(mesh, rules):
-    compiled = train_step.jitted.lower(state, images).compile()
-  held = {'state': state}
-
-  def step():
-    held['state'], held['metrics'] = compiled(held['state'], images)
-    jax.block_until_ready(held)
-  return bench, dtype, step, held
+    compiled = train_step.jitted.lower(state, images).compile(
+        compiler_options)
+  holder = {'state': state, 'compiled': compiled, 'batch': images}
+  return bench, dtype, _stepper(holder), holder
 
 
 def build_mimjax(bench: Bench, args, dtype: str):
@@ -268,18 +289,10 @@ def build_mimjax(bench: Bench, args, dtype: str):
   out['xla_flops_per_step'] = _cost_flops(compiled)
   state, _ = state_lib.create(recipe.init_variables, recipe.tx, config.seed,
                               mesh, rules)
-  rng = np.random.default_rng(0)
-  local = args.batch // jax.process_count()
-  batch = sharding.global_batch({
-      'image': rng.standard_normal((local, size, size, 3), np.float32),
-      'label': rng.integers(0, NUM_CLASSES, (local,), np.int32)}, mesh)
-  holder = {'state': state, 'compiled': compiled, 'batch': batch}
-  del state, compiled, batch, recipe, run
-
-  def step():
-    holder['state'], holder['metrics'] = holder['compiled'](holder['state'],
-                                                            holder['batch'])
-    jax.block_until_ready((holder['state'], holder['metrics']))
+  holder = {'state': state, 'compiled': compiled,
+            'batch': _random_batch(mesh, args.batch, size)}
+  del state, compiled, recipe, run
+  step = _stepper(holder)
 
   def finish():
     numbers = dict(loss=float(holder['metrics']['loss']),
@@ -578,7 +591,7 @@ def main(argv=None):
     args.steps = 5 if args.quick else 10
   if args.steps < 5:
     parser.error('--steps must be at least 5')
-  dtype = 'float32' if on_cpu else 'bfloat16'
+  dtype = step_dtype()
   devices = jax.devices()
   kind, count = devices[0].device_kind, len(devices)
   peak = flops.peak_tflops(kind)

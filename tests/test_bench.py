@@ -140,6 +140,20 @@ def test_ab_step_times_variants_of_the_same_step():
   assert _positive(float(ratio.split(':')[1].split('x')[0])), proc.stdout
 
 
+def test_ab_step_variants_reach_the_compiled_step(monkeypatch):
+  """A variant's XLA options are compiled into the step: `eigen` leaves no
+  matmul to YNNPACK, where the default step gives it some."""
+  monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
+  import ab_step  # pylint: disable=g-import-not-at-top
+  import run  # pylint: disable=g-import-not-at-top
+  texts = {name: run.recipe_step('pretrain', 4, True, ab_step.VARIANTS[name][1]
+                                 )[3]['compiled'].as_text()
+           for name in ('default', 'eigen')}
+  if '__ynn_fusion' not in texts['default']:
+    pytest.skip('this jaxlib runs no matmul in YNNPACK')
+  assert '__ynn_fusion' not in texts['eigen']
+
+
 def test_profile_step_sums_a_traced_step(tmp_path):
   """benchmarks/profile_step.py --quick: a table of operation kinds whose
   shares add up, and the wall time; no speed is asserted."""
