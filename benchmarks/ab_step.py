@@ -4,11 +4,12 @@ turns (`timing.taking_turns`, as `make bench` times mimjax and its peer).
   python benchmarks/ab_step.py [--kind=pretrain|finetune] [--batch=16]
       [--timed=10] [--quick] VARIANT [VARIANT ...]
 
-A VARIANT is one of VARIANTS. The first is the baseline: for each other one
-it prints the ratio of the baseline's median step time to the variant's
-(above 1: the variant is faster), with its range over the rounds. Single
-rounds spread widely on a small CPU (docs/performance.md): a change proves
-itself when every round agrees.
+A VARIANT is one of VARIANTS: XLA options, or an attention the model
+traces in place of vit.attend. The first is the baseline: for each other
+one it prints the ratio of the baseline's median step time to the
+variant's (above 1: the variant is faster), with its range over the
+rounds. Single rounds spread widely on a small CPU (docs/performance.md):
+a change proves itself when every round agrees.
 """
 
 from __future__ import annotations
@@ -21,17 +22,35 @@ import sys
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import attention_chunks  # pylint: disable=g-import-not-at-top,wrong-import-position
 import run as bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from timing import taking_turns  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from mimjax.models import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# name: (what it is, XLA options added to the step's own).
+
+# name: (what it is, XLA options added to the step's own, the attention the
+# model traces: None for vit.attend).
 VARIANTS = {
-    'default': ('the step as the recipe builds it', {}),
-    'onednn': ('XLA:CPU matmuls through oneDNN', {'xla_cpu_use_onednn': True}),
+    'default': ('the step as the recipe builds it', {}, None),
+    'onednn': ('XLA:CPU matmuls through oneDNN', {'xla_cpu_use_onednn': True},
+               None),
     'eigen': ('XLA:CPU matmuls through Eigen, none through YNNPACK',
-              {'xla_cpu_experimental_ynn_fusion_type': ''}),
+              {'xla_cpu_experimental_ynn_fusion_type': ''}, None),
+    'chunked_attention': ('attention_chunks.chunked_attend, tried', {},
+                          attention_chunks.chunked_attend),
 }
+
+
+def variant_step(name: str, kind: str, batch: int, quick: bool):
+  """run.recipe_step's tuple for the variant."""
+  _, options, attend = VARIANTS[name]
+  kept = vit.attend
+  vit.attend = attend or kept  # read when the step traces
+  try:
+    return bench_lib.recipe_step(kind, batch, quick, options)
+  finally:
+    vit.attend = kept
 
 
 def main(argv=None):
@@ -47,21 +66,23 @@ def main(argv=None):
     parser.error('each variant once')
   steps, held = {}, {}
   for name in args.variants:
-    _, _, steps[name], held[name] = bench_lib.recipe_step(
-        args.kind, args.batch, args.quick, VARIANTS[name][1])
+    _, _, steps[name], held[name] = variant_step(name, args.kind, args.batch,
+                                                 args.quick)
   times, rounds = taking_turns(steps, 2, args.timed)
   print(f'{args.kind}, batch {args.batch}, {jax.default_backend()}: '
         f'{args.timed} timed steps each, in turns')
   for name in args.variants:
     loss = float(held[name]['metrics']['loss'])
-    print(f'  {name:14s} median {times[name][0] * 1e3:9.1f} ms, '
-          f'loss {loss:.6f}  ({VARIANTS[name][0]})')
+    temp = held[name]['compiled'].memory_analysis().temp_size_in_bytes / 2**30
+    print(f'  {name:17s} median {times[name][0] * 1e3:9.1f} ms, '
+          f'loss {loss:.6f}, temp {temp:.3f} GiB  ({VARIANTS[name][0]})')
   base = args.variants[0]
   for name in args.variants[1:]:
     ratios = [r[base] / r[name] for r in rounds]
+    spread = f' ± {statistics.stdev(ratios):.3f}' if len(ratios) > 1 else ''
     print(f'  {name} against {base}: {times[base][0] / times[name][0]:.3f}x '
           f'({len(ratios)} rounds: {min(ratios):.3f}x to {max(ratios):.3f}x, '
-          f'mean {statistics.mean(ratios):.3f}x)')
+          f'mean {statistics.mean(ratios):.3f}x{spread})')
 
 
 if __name__ == '__main__':

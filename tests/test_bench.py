@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_ab_step_times_variants_of_the_same_step():
        '--batch=4', '--timed=2', 'default', 'eigen'],
       cwd=ROOT, env=_fast_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  losses = [float(l.split('loss ')[1].split()[0])
+  losses = [float(l.split('loss ')[1].split(',')[0])
             for l in proc.stdout.splitlines() if ' median ' in l]
   assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
   ratio = next(l for l in proc.stdout.splitlines()
@@ -141,48 +142,43 @@ def test_ab_step_times_variants_of_the_same_step():
 
 
 def test_ab_step_variants_reach_the_compiled_step(monkeypatch):
-  """A variant's XLA options are compiled into the step: `eigen` leaves no
-  matmul to YNNPACK, where the default step gives it some."""
+  """A variant's XLA options and attention are compiled into the step:
+  `eigen` leaves no matmul to YNNPACK, where the default step gives it
+  some; `chunked_attention` (in chunks of one image here) has more
+  products."""
   monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
   import ab_step  # pylint: disable=g-import-not-at-top
-  import run  # pylint: disable=g-import-not-at-top
-  texts = {name: run.recipe_step('pretrain', 4, True, ab_step.VARIANTS[name][1]
-                                 )[3]['compiled'].as_text()
-           for name in ('default', 'eigen')}
+  import attention_chunks  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(attention_chunks, 'CHUNK_BYTES', 1)
+  texts = {name: ab_step.variant_step(name, 'pretrain', 4, True)[3][
+      'compiled'].as_text() for name in ('default', 'eigen',
+                                         'chunked_attention')}
+  products = {name: len(re.findall(r' dot\(', text))
+              for name, text in texts.items()}
+  assert products['chunked_attention'] > products['default'] > 0, products
   if '__ynn_fusion' not in texts['default']:
     pytest.skip('this jaxlib runs no matmul in YNNPACK')
   assert '__ynn_fusion' not in texts['eigen']
 
 
 def test_chunked_attention_tried_is_attention(monkeypatch):
-  """benchmarks/attention_chunks.py's attention (tried, not kept) computes
-  vit.attend's values and gradients, in chunks of two rows here."""
+  """ab_step's chunked_attention (tried, not kept) computes vit.attend's
+  values and gradients, in chunks of two rows here."""
   monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
   import attention_chunks  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mimjax.models import vit  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(attention_chunks, 'CHUNK_BYTES', 2 * 2 * 9 * 9 * 4)
   q, k, v, cotangent = (jax.random.normal(key, (6, 2, 9, 4)) * 2
                         for key in jax.random.split(jax.random.key(0), 4))
-  chunked = attention_chunks.chunked_attend(2 * 2 * 9 * 9 * 4)
+  chunked = attention_chunks.chunked_attend
   assert str(jax.make_jaxpr(chunked)(q, k, v)).count('dot_general') == 6
   for got, want in zip(*(
       jax.value_and_grad(lambda *x, fn=fn: (fn(*x) * cotangent).sum(),
                          argnums=(0, 1, 2))(q, k, v)
       for fn in (chunked, vit.attend))):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-
-
-def test_attention_chunks_times_both_steps():
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / 'benchmarks' / 'attention_chunks.py'),
-       '--quick', '--batch=4', '--timed=2'],
-      cwd=ROOT, env=_fast_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  losses = [float(l.split('loss ')[1].split(',')[0])
-            for l in proc.stdout.splitlines() if ' median ' in l]
-  assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
-  assert 'chunked against vit.attend: ' in proc.stdout, proc.stdout
 
 
 def test_profile_step_sums_a_traced_step(tmp_path):
