@@ -2,14 +2,17 @@
 turns (`timing.taking_turns`, as `make bench` times mimjax and its peer).
 
   python benchmarks/ab_step.py [--kind=pretrain|finetune] [--batch=16]
-      [--timed=10] [--quick] VARIANT [VARIANT ...]
+      [--timed=10] [--scan] [--quick] VARIANT [VARIANT ...]
 
 A VARIANT is one of VARIANTS: XLA options, or an attention the model
 traces in place of vit.attend. The first is the baseline: for each other
 one it prints the ratio of the baseline's median step time to the
 variant's (above 1: the variant is faster), with its range over the
 rounds. Single rounds spread widely on a small CPU (docs/performance.md):
-a change proves itself when every round agrees.
+a change proves itself when every round agrees. Each variant's compile
+time is printed too (--scan: of the scanned step, the one whose compile
+time `make bench` aims at); the first variant is compiled twice, so that
+none carries the process's first compilation.
 """
 
 from __future__ import annotations
@@ -39,16 +42,24 @@ VARIANTS = {
               {'xla_cpu_experimental_ynn_fusion_type': ''}, None),
     'chunked_attention': ('attention_chunks.chunked_attend, tried', {},
                           attention_chunks.chunked_attend),
+    'fast_compile': ("XLA:CPU's FAST_COMPILE preset",
+                     {'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE'},
+                     None),
+    'legacy_emitters': ("XLA:CPU's loops from its older IR emitters",
+                        {'xla_cpu_use_fusion_emitters': False}, None),
+    'llvm_O0': ('LLVM optimisation level 0, not 1',
+                {'xla_backend_optimization_level': 0}, None),
 }
 
 
-def variant_step(name: str, kind: str, batch: int, quick: bool):
+def variant_step(name: str, kind: str, batch: int, quick: bool,
+                 scan: bool | None = None):
   """run.recipe_step's tuple for the variant."""
   _, options, attend = VARIANTS[name]
   kept = vit.attend
   vit.attend = attend or kept  # read when the step traces
   try:
-    return bench_lib.recipe_step(kind, batch, quick, options)
+    return bench_lib.recipe_step(kind, batch, quick, options, scan)
   finally:
     vit.attend = kept
 
@@ -60,22 +71,25 @@ def main(argv=None):
                       choices=('pretrain', 'finetune'))
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--timed', type=int, default=10)
+  parser.add_argument('--scan', action='store_true',
+                      help='the scanned step (model.scan=True)')
   parser.add_argument('--quick', action='store_true', help='tiny sizes')
   args = parser.parse_args(argv)
   if len(set(args.variants)) != len(args.variants):
     parser.error('each variant once')
   steps, held = {}, {}
-  for name in args.variants:
-    _, _, steps[name], held[name] = variant_step(name, args.kind, args.batch,
-                                                 args.quick)
+  for name in args.variants[:1] + args.variants:  # the first one warms up
+    _, _, steps[name], held[name] = variant_step(
+        name, args.kind, args.batch, args.quick, args.scan or None)
   times, rounds = taking_turns(steps, 2, args.timed)
-  print(f'{args.kind}, batch {args.batch}, {jax.default_backend()}: '
-        f'{args.timed} timed steps each, in turns')
+  print(f'{args.kind}{", scanned" if args.scan else ""}, batch {args.batch}, '
+        f'{jax.default_backend()}: {args.timed} timed steps each, in turns')
   for name in args.variants:
     loss = float(held[name]['metrics']['loss'])
     temp = held[name]['compiled'].memory_analysis().temp_size_in_bytes / 2**30
     print(f'  {name:17s} median {times[name][0] * 1e3:9.1f} ms, '
-          f'loss {loss:.6f}, temp {temp:.3f} GiB  ({VARIANTS[name][0]})')
+          f'loss {loss:.6f}, temp {temp:.3f} GiB, compile '
+          f'{held[name]["compile_s"]:.1f} s  ({VARIANTS[name][0]})')
   base = args.variants[0]
   for name in args.variants[1:]:
     ratios = [r[base] / r[name] for r in rounds]

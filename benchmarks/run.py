@@ -32,6 +32,7 @@ a smoke test of the benchmark, not a measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -218,16 +219,19 @@ def _stepper(holder: dict):
 
 
 def recipe_step(kind: str, batch: int, quick: bool,
-                compiler_options: dict | None = None):
+                compiler_options: dict | None = None,
+                scan: bool | None = None, compile_trace_dir: str = ''):
   """The recipe's train step on random images, compiled (with
-  `compiler_options` added to the step's own XLA options): (its Bench,
-  dtype, step: a blocking call of one step, holder: its compiled step,
-  state and last metrics). For profile_step.py and ab_step.py."""
+  `compiler_options` added to the step's own XLA options; scan None: as
+  the recipe says; the compilation traced into `compile_trace_dir` if
+  given): (its Bench, dtype, step: a blocking call of one step, holder:
+  its compiled step, compile seconds, state and last metrics). For
+  profile_step.py and ab_step.py."""
   from mimjax import build, sharding  # pylint: disable=g-import-not-at-top
   from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   bench = next(b for b in benches(on_cpu=True) if b.kind == kind)
   dtype = step_dtype()
-  config = make_config(bench, batch, dtype, quick)
+  config = make_config(bench, batch, dtype, quick, scan)
   mesh, rules = build.setup(config)
   recipe = _recipe(bench, config, mesh)
   state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
@@ -235,10 +239,16 @@ def recipe_step(kind: str, batch: int, quick: bool,
   train_step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings,
                                          mesh, rules)
   images = _random_batch(mesh, batch, recipe.image_size)
+  jax.block_until_ready((state, images))  # not computed during the compile
   with sharding.active(mesh, rules):
-    compiled = train_step.jitted.lower(state, images).compile(
-        compiler_options)
-  holder = {'state': state, 'compiled': compiled, 'batch': images}
+    lowered = train_step.jitted.lower(state, images)
+    with (jax.profiler.trace(compile_trace_dir) if compile_trace_dir
+          else contextlib.nullcontext()):
+      start = time.perf_counter()
+      compiled = lowered.compile(compiler_options)
+      compile_s = time.perf_counter() - start
+  holder = {'state': state, 'compiled': compiled, 'batch': images,
+            'compile_s': compile_s}
   return bench, dtype, _stepper(holder), holder
 
 

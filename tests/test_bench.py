@@ -125,17 +125,19 @@ def test_quick_run(tmp_path):
 
 
 def test_ab_step_times_variants_of_the_same_step():
-  """benchmarks/ab_step.py --quick: both variants compute the same loss (the
-  matmul library changes no result beyond rounding) and a ratio line is
-  printed; no speed is asserted."""
+  """benchmarks/ab_step.py --quick --scan: the variants compute the same
+  loss (the matmul library changes no result beyond rounding), each with
+  its compile time, and a ratio line is printed; no speed is asserted."""
   proc = subprocess.run(
       [sys.executable, str(ROOT / 'benchmarks' / 'ab_step.py'), '--quick',
-       '--batch=4', '--timed=2', 'default', 'eigen'],
+       '--scan', '--batch=4', '--timed=2', 'default', 'eigen'],
       cwd=ROOT, env=_fast_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  losses = [float(l.split('loss ')[1].split(',')[0])
-            for l in proc.stdout.splitlines() if ' median ' in l]
+  medians = [l for l in proc.stdout.splitlines() if ' median ' in l]
+  losses = [float(l.split('loss ')[1].split(',')[0]) for l in medians]
   assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+  assert all(_positive(float(l.split('compile ')[1].split(' s')[0]))
+             for l in medians), proc.stdout
   ratio = next(l for l in proc.stdout.splitlines()
                if 'eigen against default:' in l)
   assert _positive(float(ratio.split(':')[1].split('x')[0])), proc.stdout
@@ -145,17 +147,20 @@ def test_ab_step_variants_reach_the_compiled_step(monkeypatch):
   """A variant's XLA options and attention are compiled into the step:
   `eigen` leaves no matmul to YNNPACK, where the default step gives it
   some; `chunked_attention` (in chunks of one image here) has more
-  products."""
+  products; `fast_compile` fuses less."""
   monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
   import ab_step  # pylint: disable=g-import-not-at-top
   import attention_chunks  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(attention_chunks, 'CHUNK_BYTES', 1)
   texts = {name: ab_step.variant_step(name, 'pretrain', 4, True)[3][
       'compiled'].as_text() for name in ('default', 'eigen',
-                                         'chunked_attention')}
+                                         'chunked_attention', 'fast_compile')}
   products = {name: len(re.findall(r' dot\(', text))
               for name, text in texts.items()}
   assert products['chunked_attention'] > products['default'] > 0, products
+  fusions = {name: texts[name].count('kind=kLoop')
+             for name in ('default', 'fast_compile')}
+  assert fusions['fast_compile'] > fusions['default'], fusions
   if '__ynn_fusion' not in texts['default']:
     pytest.skip('this jaxlib runs no matmul in YNNPACK')
   assert '__ynn_fusion' not in texts['eigen']
@@ -202,3 +207,21 @@ def test_profile_step_sums_a_traced_step(tmp_path):
       100, abs=0.05 * len(rows))
   wall = next(l for l in lines if 'wall time per step:' in l)
   assert float(wall.split(':')[1].split()[0]) > 0
+
+
+def test_profile_step_traces_a_compilation(tmp_path):
+  """profile_step.py --compile: the compile time and XLA's compile events,
+  none of them a step's (or the state's initialisation's) operations."""
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / 'benchmarks' / 'profile_step.py'),
+       '--quick', '--batch=4', '--compile', '--scan', '--top=500',
+       f'--trace_dir={tmp_path}'],
+      cwd=ROOT, env=_fast_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  took = float(next(l for l in lines if 'scanned step took' in l).split(
+      'took ')[1].split(' s')[0])
+  rows = {l.split()[2]: float(l.split()[0]) for l in lines
+          if len(l.split()) == 3 and l.split()[1].isdigit()}
+  assert 0 < rows['PjRtCpuClient::Compile'] <= took, proc.stdout
+  assert not [event for event in rows if event.endswith('_fusion')], rows
