@@ -11,8 +11,8 @@ variant's (above 1: the variant is faster), with its range over the
 rounds. Single rounds spread widely on a small CPU (docs/performance.md):
 a change proves itself when every round agrees. Each variant's compile
 time is printed too (--scan: of the scanned step, the one whose compile
-time `make bench` aims at); the first variant is compiled twice, so that
-none carries the process's first compilation.
+time `make bench` aims at), after a tiny step's, so that none carries
+the process's first compilation.
 """
 
 from __future__ import annotations
@@ -71,16 +71,17 @@ def main(argv=None):
                       choices=('pretrain', 'finetune'))
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--timed', type=int, default=10)
-  parser.add_argument('--scan', action='store_true',
+  parser.add_argument('--scan', action='store_true', default=None,
                       help='the scanned step (model.scan=True)')
   parser.add_argument('--quick', action='store_true', help='tiny sizes')
   args = parser.parse_args(argv)
   if len(set(args.variants)) != len(args.variants):
     parser.error('each variant once')
+  bench_lib.warm_up_compiler(args.kind)
   steps, held = {}, {}
-  for name in args.variants[:1] + args.variants:  # the first one warms up
+  for name in args.variants:
     _, _, steps[name], held[name] = variant_step(
-        name, args.kind, args.batch, args.quick, args.scan or None)
+        name, args.kind, args.batch, args.quick, args.scan)
   times, rounds = taking_turns(steps, 2, args.timed)
   print(f'{args.kind}{", scanned" if args.scan else ""}, batch {args.batch}, '
         f'{jax.default_backend()}: {args.timed} timed steps each, in turns')

@@ -44,7 +44,7 @@ def main(argv=None):
   parser.add_argument('--trace_dir', default='')
   parser.add_argument('--compile', action='store_true',
                       help="trace the step's compilation, not its steps")
-  parser.add_argument('--scan', action='store_true',
+  parser.add_argument('--scan', action='store_true', default=None,
                       help='the scanned step (model.scan=True)')
   args = parser.parse_args(argv)
   trace_dir = args.trace_dir or tempfile.mkdtemp(prefix='mimjax_profile_')
@@ -52,8 +52,7 @@ def main(argv=None):
     _profile_compile(args, trace_dir)
     return
   bench, dtype, step, _ = bench_lib.recipe_step(args.kind, args.batch,
-                                                args.quick,
-                                                scan=args.scan or None)
+                                                args.quick, scan=args.scan)
   for _ in range(2):  # warm up
     step()
 
@@ -76,9 +75,9 @@ def main(argv=None):
 
 
 def _profile_compile(args, trace_dir: str) -> None:
-  bench_lib.recipe_step(args.kind, 4, True)  # XLA's first compilation
+  bench_lib.warm_up_compiler(args.kind)
   bench, dtype, _, holder = bench_lib.recipe_step(
-      args.kind, args.batch, args.quick, scan=args.scan or None,
+      args.kind, args.batch, args.quick, scan=args.scan,
       compile_trace_dir=trace_dir)
   print(f'{bench.name}{" --quick (tiny sizes)" if args.quick else ""}, '
         f'batch {args.batch}, {dtype}, on {jax.devices()[0].device_kind}: '

@@ -252,6 +252,12 @@ def recipe_step(kind: str, batch: int, quick: bool,
   return bench, dtype, _stepper(holder), holder
 
 
+def warm_up_compiler(kind: str) -> None:
+  """Compiles a tiny step once, so that the next compile timed carries none
+  of the process's first compilation."""
+  recipe_step(kind, 4, True)
+
+
 def build_mimjax(bench: Bench, args, dtype: str):
   """Compiles the step unrolled and scanned, and readies the one the recipe
   uses (model.scan) for timing. Returns (numbers, the shape of what is run,

@@ -147,12 +147,14 @@ def test_ab_step_variants_reach_the_compiled_step(monkeypatch):
   """A variant's XLA options and attention are compiled into the step:
   `eigen` leaves no matmul to YNNPACK, where the default step gives it
   some; `chunked_attention` (in chunks of one image here) has more
-  products; `fast_compile` fuses less."""
+  products; `fast_compile` fuses less. `eigen` is compiled scanned here:
+  its step loops over the blocks, where the default step is unrolled."""
   monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
   import ab_step  # pylint: disable=g-import-not-at-top
   import attention_chunks  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(attention_chunks, 'CHUNK_BYTES', 1)
-  texts = {name: ab_step.variant_step(name, 'pretrain', 4, True)[3][
+  texts = {name: ab_step.variant_step(name, 'pretrain', 4, True,
+                                      scan=name == 'eigen' or None)[3][
       'compiled'].as_text() for name in ('default', 'eigen',
                                          'chunked_attention', 'fast_compile')}
   products = {name: len(re.findall(r' dot\(', text))
@@ -161,6 +163,8 @@ def test_ab_step_variants_reach_the_compiled_step(monkeypatch):
   fusions = {name: texts[name].count('kind=kLoop')
              for name in ('default', 'fast_compile')}
   assert fusions['fast_compile'] > fusions['default'], fusions
+  loops = {name: texts[name].count(' while(') for name in ('default', 'eigen')}
+  assert loops['eigen'] > loops['default'], loops
   if '__ynn_fusion' not in texts['default']:
     pytest.skip('this jaxlib runs no matmul in YNNPACK')
   assert '__ynn_fusion' not in texts['eigen']
@@ -211,7 +215,7 @@ def test_profile_step_sums_a_traced_step(tmp_path):
 
 def test_profile_step_traces_a_compilation(tmp_path):
   """profile_step.py --compile: the compile time and XLA's compile events,
-  none of them a step's (or the state's initialisation's) operations."""
+  none of them a step's operations."""
   proc = subprocess.run(
       [sys.executable, str(ROOT / 'benchmarks' / 'profile_step.py'),
        '--quick', '--batch=4', '--compile', '--scan', '--top=500',
