@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 
@@ -32,12 +33,14 @@ from timing import taking_turns  # pylint: disable=g-import-not-at-top,wrong-imp
 from mimjax.models import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+YNNPACK_FUSION = '"__ynn_fusion"'  # the backend config of its fusions
+
 # name: (what it is, XLA options added to the step's own, the attention the
 # model traces: None for vit.attend).
 VARIANTS = {
     'default': ('the step as the recipe builds it', {}, None),
-    'onednn': ('XLA:CPU matmuls through oneDNN', {'xla_cpu_use_onednn': True},
-               None),
+    'control': ('the default step again, compiled apart: the spread of two '
+                'equal steps', {}, None),
     'eigen': ('XLA:CPU matmuls through Eigen, none through YNNPACK',
               {'xla_cpu_experimental_ynn_fusion_type': ''}, None),
     'chunked_attention': ('attention_chunks.chunked_attend, tried', {},
@@ -64,6 +67,17 @@ def variant_step(name: str, kind: str, batch: int, quick: bool,
     vit.attend = kept
 
 
+def anatomy(compiled) -> str:
+  """What the compiled step is made of, from its HLO: the loops XLA
+  generates code for, the matmuls (wherever they run) and those of them in
+  YNNPACK, and the while loops (a scanned model's blocks)."""
+  text = compiled.as_text()
+  return (f'{text.count("kind=kLoop")} loop kernels, '
+          f'{len(re.findall(r" dot[(]", text))} matmuls '
+          f'({text.count(YNNPACK_FUSION)} YNNPACK fusions), '
+          f'{text.count(" while(")} while loops')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('variants', nargs='+', choices=sorted(VARIANTS))
@@ -83,7 +97,8 @@ def main(argv=None):
     _, _, steps[name], held[name] = variant_step(
         name, args.kind, args.batch, args.quick, args.scan)
   times, rounds = taking_turns(steps, 2, args.timed)
-  print(f'{args.kind}{", scanned" if args.scan else ""}, batch {args.batch}, '
+  scanned = held[args.variants[0]]['scan']
+  print(f'{args.kind}{", scanned" if scanned else ""}, batch {args.batch}, '
         f'{jax.default_backend()}: {args.timed} timed steps each, in turns')
   for name in args.variants:
     loss = float(held[name]['metrics']['loss'])
@@ -91,6 +106,7 @@ def main(argv=None):
     print(f'  {name:17s} median {times[name][0] * 1e3:9.1f} ms, '
           f'loss {loss:.6f}, temp {temp:.3f} GiB, compile '
           f'{held[name]["compile_s"]:.1f} s  ({VARIANTS[name][0]})')
+    print(f'  {"":17s} {anatomy(held[name]["compiled"])}')
   base = args.variants[0]
   for name in args.variants[1:]:
     ratios = [r[base] / r[name] for r in rounds]

@@ -225,7 +225,8 @@ def recipe_step(kind: str, batch: int, quick: bool,
   `compiler_options` added to the step's own XLA options; scan None: as
   the recipe says; the compilation traced into `compile_trace_dir` if
   given): (its Bench, dtype, step: a blocking call of one step, holder:
-  its compiled step, compile seconds, state and last metrics). For
+  its compiled step, compile seconds, whether it is scanned, state and
+  last metrics). For
   profile_step.py and ab_step.py."""
   from mimjax import build, sharding  # pylint: disable=g-import-not-at-top
   from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -248,7 +249,7 @@ def recipe_step(kind: str, batch: int, quick: bool,
       compiled = lowered.compile(compiler_options)
       compile_s = time.perf_counter() - start
   holder = {'state': state, 'compiled': compiled, 'batch': images,
-            'compile_s': compile_s}
+            'compile_s': compile_s, 'scan': config.model.scan}
   return bench, dtype, _stepper(holder), holder
 
 

@@ -126,48 +126,39 @@ def test_quick_run(tmp_path):
 
 def test_ab_step_times_variants_of_the_same_step():
   """benchmarks/ab_step.py --quick --scan: the variants compute the same
-  loss (the matmul library changes no result beyond rounding), each with
-  its compile time, and a ratio line is printed; no speed is asserted."""
+  loss (the matmul library and attention's chunks change no result beyond
+  rounding), each with its compile time and what its compiled step is made
+  of, and a ratio line is printed; no speed is asserted. Each variant
+  reaches the compiled step: `eigen` leaves no matmul to YNNPACK, where the
+  default step gives it some; `chunked_attention` recomputes its products;
+  `fast_compile` fuses less; and --scan reaches the recipe."""
+  variants = ('default', 'eigen', 'chunked_attention', 'fast_compile')
   proc = subprocess.run(
       [sys.executable, str(ROOT / 'benchmarks' / 'ab_step.py'), '--quick',
-       '--scan', '--batch=4', '--timed=2', 'default', 'eigen'],
+       '--scan', '--batch=4', '--timed=2', *variants],
       cwd=ROOT, env=_fast_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  medians = [l for l in proc.stdout.splitlines() if ' median ' in l]
+  lines = proc.stdout.splitlines()
+  assert 'pretrain, scanned, batch 4' in proc.stdout, proc.stdout
+  medians = [l for l in lines if ' median ' in l]
   losses = [float(l.split('loss ')[1].split(',')[0]) for l in medians]
-  assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
-  assert all(_positive(float(l.split('compile ')[1].split(' s')[0]))
+  assert len(losses) == 4 and losses == pytest.approx([losses[0]] * 4,
+                                                      rel=1e-4)
+  assert all(_positive(float(re.search(r', compile ([\d.]+) s', l)[1]))
              for l in medians), proc.stdout
-  ratio = next(l for l in proc.stdout.splitlines()
-               if 'eigen against default:' in l)
-  assert _positive(float(ratio.split(':')[1].split('x')[0])), proc.stdout
-
-
-def test_ab_step_variants_reach_the_compiled_step(monkeypatch):
-  """A variant's XLA options and attention are compiled into the step:
-  `eigen` leaves no matmul to YNNPACK, where the default step gives it
-  some; `chunked_attention` (in chunks of one image here) has more
-  products; `fast_compile` fuses less. `eigen` is compiled scanned here:
-  its step loops over the blocks, where the default step is unrolled."""
-  monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
-  import ab_step  # pylint: disable=g-import-not-at-top
-  import attention_chunks  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(attention_chunks, 'CHUNK_BYTES', 1)
-  texts = {name: ab_step.variant_step(name, 'pretrain', 4, True,
-                                      scan=name == 'eigen' or None)[3][
-      'compiled'].as_text() for name in ('default', 'eigen',
-                                         'chunked_attention', 'fast_compile')}
-  products = {name: len(re.findall(r' dot\(', text))
-              for name, text in texts.items()}
-  assert products['chunked_attention'] > products['default'] > 0, products
-  fusions = {name: texts[name].count('kind=kLoop')
-             for name in ('default', 'fast_compile')}
-  assert fusions['fast_compile'] > fusions['default'], fusions
-  loops = {name: texts[name].count(' while(') for name in ('default', 'eigen')}
-  assert loops['eigen'] > loops['default'], loops
-  if '__ynn_fusion' not in texts['default']:
+  for name in variants[1:]:
+    ratio = next(l for l in lines if f'{name} against default:' in l)
+    assert _positive(float(ratio.split(':')[1].split('x')[0])), proc.stdout
+  anatomy = {name: dict(zip(
+      ('loops', 'matmuls', 'ynnpack'),
+      map(int, re.findall(r'\d+', lines[lines.index(median) + 1]))))
+             for name, median in zip(variants, medians)}
+  assert anatomy['chunked_attention']['matmuls'] > anatomy['default'][
+      'matmuls'] > 0, anatomy
+  assert anatomy['fast_compile']['loops'] > anatomy['default']['loops']
+  if not anatomy['default']['ynnpack']:
     pytest.skip('this jaxlib runs no matmul in YNNPACK')
-  assert '__ynn_fusion' not in texts['eigen']
+  assert anatomy['eigen']['ynnpack'] == 0, anatomy
 
 
 def test_chunked_attention_tried_is_attention(monkeypatch):
@@ -188,6 +179,26 @@ def test_chunked_attention_tried_is_attention(monkeypatch):
                          argnums=(0, 1, 2))(q, k, v)
       for fn in (chunked, vit.attend))):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_matmul_rate_times_each_library_in_turns():
+  """benchmarks/matmul_rate.py: one line per shape and dtype, a positive
+  rate for each library (XLA's Eigen always; torch when installed; NumPy
+  in float32 only); no speed is asserted."""
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / 'benchmarks' / 'matmul_rate.py'),
+       '--shapes=mlp', '--timed=2'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = {l.split()[1]: dict(re.findall(r'(jax \w+|torch|numpy) +([\d.]+)', l))
+          for l in proc.stdout.splitlines() if l.startswith('  mlp ')}
+  assert set(rows) == {'float32', 'bfloat16'}, proc.stdout
+  libraries = {'jax Eigen'} | ({'torch'} if _importable('torch') else set())
+  assert libraries <= set(rows['bfloat16']), proc.stdout
+  assert libraries | {'numpy'} <= set(rows['float32']), proc.stdout
+  assert 'numpy' not in rows['bfloat16']
+  assert all(_positive(float(rate)) for row in rows.values()
+             for rate in row.values()), proc.stdout
 
 
 def test_profile_step_sums_a_traced_step(tmp_path):

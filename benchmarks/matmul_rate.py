@@ -1,0 +1,124 @@
+"""The matmul rate of each library this host runs, timed in turns: XLA:CPU's
+products through YNNPACK (its default) and through Eigen, PyTorch's (when
+installed) and NumPy's; float32 and bfloat16.
+
+  python benchmarks/matmul_rate.py [--shapes=square,mlp,weight_grad]
+      [--dtypes=float32,bfloat16] [--timed=10]
+
+Shapes: `square`, 2048 x 2048 x 2048; `mlp`, the fine-tuned ViT-B/16's MLP
+at batch 16, (16*197, 768) @ (768, 3072); `weight_grad`, that kernel's
+gradient, (16*197, 768)^T @ (16*197, 3072), a product whose operands
+XLA:CPU lays out for Eigen. It answers what the step's profile cannot: how
+fast each library runs the products the step is made of on this CPU, and
+whether bfloat16 reaches the CPU's matrix units (AMX) in either framework
+(docs/performance.md). An XLA library is timed only where the compiled
+product runs in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run as bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from timing import taking_turns  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TOKENS = 16 * 197
+# name: (left operand's shape, right operand's, the product's FLOPs, and
+# whether the left one is used transposed).
+SHAPES = {
+    'square': ((2048, 2048), (2048, 2048), 2 * 2048**3, False),
+    'mlp': ((TOKENS, 768), (768, 3072), 2 * TOKENS * 768 * 3072, False),
+    'weight_grad': ((TOKENS, 768), (TOKENS, 3072), 2 * TOKENS * 768 * 3072,
+                    True),
+}
+# library: (the XLA options, a string the compiled product's HLO holds).
+XLA_LIBRARIES = {
+    'YNNPACK': ({}, 'ynn_fusion'),
+    'Eigen': ({'xla_cpu_experimental_ynn_fusion_type': ''}, ' dot('),
+}
+
+
+def _xla_step(shape: str, dtype: str, library: str):
+  left, right, _, transposed = SHAPES[shape]
+  options, marker = XLA_LIBRARIES[library]
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.standard_normal(s, np.float32), dtype)
+          for s in (left, right))
+  product = (lambda x, y: x.T @ y) if transposed else (lambda x, y: x @ y)
+  compiled = jax.jit(product).lower(a, b).compile(options)
+  if marker not in compiled.as_text():
+    return None
+  return lambda: compiled(a, b).block_until_ready()
+
+
+def _torch_step(torch, shape: str, dtype: str):
+  left, right, _, transposed = SHAPES[shape]
+  a, b = (torch.randn(s, dtype=getattr(torch, dtype)) for s in (left, right))
+  if transposed:
+    return lambda: a.t() @ b
+  return lambda: a @ b
+
+
+def _numpy_step(shape: str):
+  left, right, _, transposed = SHAPES[shape]
+  rng = np.random.default_rng(0)
+  a, b = (rng.standard_normal(s, np.float32) for s in (left, right))
+  if transposed:
+    return lambda: a.T @ b
+  return lambda: a @ b
+
+
+def steps_for(shape: str, dtype: str, torch) -> dict:
+  """library -> a blocking call of the product; an XLA library left out
+  where this jaxlib does not run the product in it."""
+  steps = {f'jax {lib}': _xla_step(shape, dtype, lib) for lib in XLA_LIBRARIES}
+  steps = {lib: step for lib, step in steps.items() if step is not None}
+  if torch is not None:
+    steps['torch'] = _torch_step(torch, shape, dtype)
+  if dtype == 'float32':  # NumPy has no bfloat16 matmul of its own
+    steps['numpy'] = _numpy_step(shape)
+  return steps
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--shapes', default='square,mlp,weight_grad')
+  parser.add_argument('--dtypes', default='float32,bfloat16')
+  parser.add_argument('--timed', type=int, default=10)
+  args = parser.parse_args(argv)
+  shapes, dtypes = args.shapes.split(','), args.dtypes.split(',')
+  for name in shapes:
+    if name not in SHAPES:
+      parser.error(f'--shapes: {name!r} is none of {", ".join(SHAPES)}')
+  for name in dtypes:
+    if name not in ('float32', 'bfloat16'):
+      parser.error(f'--dtypes: {name!r} is neither float32 nor bfloat16')
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    torch = None
+  host = bench_lib.host_cpu()
+  print(f'matmul rates on {host["model"]}, {host["cores"]} cores '
+        f'({", ".join(host["isa"]) or "no listed ISA"}): the median of '
+        f'{args.timed} products each, in turns')
+  print(f'  jax {jax.__version__}'
+        + (f', torch {torch.__version__}' if torch is not None else
+           ', no torch') + f', numpy {np.__version__}')
+  for shape in shapes:
+    flop = SHAPES[shape][2]
+    for dtype in dtypes:
+      times, _ = taking_turns(steps_for(shape, dtype, torch), 2, args.timed)
+      rates = '  '.join(f'{lib} {flop / t[0] / 1e9:6.1f}'
+                        for lib, t in times.items())
+      print(f'  {shape:11s} {dtype:8s} GFLOP/s: {rates}')
+
+
+if __name__ == '__main__':
+  main()
