@@ -2,13 +2,14 @@
 products through YNNPACK (its default) and through Eigen, PyTorch's (when
 installed) and NumPy's; float32 and bfloat16.
 
-  python benchmarks/matmul_rate.py [--shapes=square,mlp,weight_grad]
+  python benchmarks/matmul_rate.py [--shapes=square,mlp,weight_grad,scores]
       [--dtypes=float32,bfloat16] [--timed=10]
 
 Shapes: `square`, 2048 x 2048 x 2048; `mlp`, the fine-tuned ViT-B/16's MLP
 at batch 16, (16*197, 768) @ (768, 3072); `weight_grad`, that kernel's
 gradient, (16*197, 768)^T @ (16*197, 3072), a product whose operands
-XLA:CPU lays out for Eigen. It answers what the step's profile cannot: how
+XLA:CPU lays out for Eigen; `scores`, its attention's 16*12 batched
+(197, 64) @ (64, 197) products. It answers what the step's profile cannot: how
 fast each library runs the products the step is made of on this CPU, and
 whether bfloat16 reaches the CPU's matrix units (AMX) in either framework
 (docs/performance.md). An XLA library is timed only where the compiled
@@ -37,6 +38,8 @@ SHAPES = {
     'mlp': ((TOKENS, 768), (768, 3072), 2 * TOKENS * 768 * 3072, False),
     'weight_grad': ((TOKENS, 768), (TOKENS, 3072), 2 * TOKENS * 768 * 3072,
                     True),
+    'scores': ((16 * 12, 197, 64), (16 * 12, 64, 197),
+               2 * 16 * 12 * 197 * 64 * 197, False),
 }
 # library: (the XLA options, a string the compiled product's HLO holds).
 XLA_LIBRARIES = {
@@ -89,7 +92,7 @@ def steps_for(shape: str, dtype: str, torch) -> dict:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--shapes', default='square,mlp,weight_grad')
+  parser.add_argument('--shapes', default='square,mlp,weight_grad,scores')
   parser.add_argument('--dtypes', default='float32,bfloat16')
   parser.add_argument('--timed', type=int, default=10)
   args = parser.parse_args(argv)
