@@ -69,8 +69,9 @@ def variant_step(name: str, kind: str, batch: int, quick: bool,
 
 def anatomy(compiled) -> str:
   """What the compiled step is made of, from its HLO: the loops XLA
-  generates code for, the matmuls (wherever they run) and those of them in
-  YNNPACK, and the while loops (a scanned model's blocks)."""
+  generates code for, the matmuls (wherever they run), YNNPACK's fusions
+  (matmuls, and the loops and reductions fused with them) and the while
+  loops (a scanned model's blocks among them)."""
   text = compiled.as_text()
   return (f'{text.count("kind=kLoop")} loop kernels, '
           f'{len(re.findall(r" dot[(]", text))} matmuls '

@@ -226,8 +226,7 @@ def recipe_step(kind: str, batch: int, quick: bool,
   the recipe says; the compilation traced into `compile_trace_dir` if
   given): (its Bench, dtype, step: a blocking call of one step, holder:
   its compiled step, compile seconds, whether it is scanned, state and
-  last metrics). For
-  profile_step.py and ab_step.py."""
+  last metrics). For profile_step.py and ab_step.py."""
   from mimjax import build, sharding  # pylint: disable=g-import-not-at-top
   from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   bench = next(b for b in benches(on_cpu=True) if b.kind == kind)
