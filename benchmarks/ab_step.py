@@ -4,15 +4,15 @@ turns (`timing.taking_turns`, as `make bench` times mimjax and its peer).
   python benchmarks/ab_step.py [--kind=pretrain|finetune] [--batch=16]
       [--timed=10] [--scan] [--quick] VARIANT [VARIANT ...]
 
-A VARIANT is one of VARIANTS: XLA options, or an attention the model
-traces in place of vit.attend. The first is the baseline: for each other
+A VARIANT is one of VARIANTS: XLA options, an attention the model traces
+in place of vit.attend, or the scanned model. The first is the baseline: for each other
 one it prints the ratio of the baseline's median step time to the
 variant's (above 1: the variant is faster), with its range over the
 rounds. Single rounds spread widely on a small CPU (docs/performance.md):
 a change proves itself when every round agrees. Each variant's compile
 time is printed too (--scan: of the scanned step, the one whose compile
 time `make bench` aims at), after a tiny step's, so that none carries
-the process's first compilation.
+the process's first compilation, and what its compiled step is made of.
 """
 
 from __future__ import annotations
@@ -36,44 +36,49 @@ from mimjax.models import vit  # pylint: disable=g-import-not-at-top,wrong-impor
 YNNPACK_FUSION = '"__ynn_fusion"'  # the backend config of its fusions
 
 # name: (what it is, XLA options added to the step's own, the attention the
-# model traces: None for vit.attend).
+# model traces: None for vit.attend, model.scan: None for --scan's).
 VARIANTS = {
-    'default': ('the step as the recipe builds it', {}, None),
+    'default': ('the step as the recipe builds it', {}, None, None),
     'control': ('the default step again, compiled apart: the spread of two '
-                'equal steps', {}, None),
+                'equal steps', {}, None, None),
+    'scanned': ("the model's blocks in one lax.scan (model.scan=True)", {},
+                None, True),
     'eigen': ('XLA:CPU matmuls through Eigen, none through YNNPACK',
-              {'xla_cpu_experimental_ynn_fusion_type': ''}, None),
+              {'xla_cpu_experimental_ynn_fusion_type': ''}, None, None),
     'chunked_attention': ('attention_chunks.chunked_attend, tried', {},
-                          attention_chunks.chunked_attend),
+                          attention_chunks.chunked_attend, None),
     'fast_compile': ("XLA:CPU's FAST_COMPILE preset",
                      {'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE'},
-                     None),
+                     None, None),
     'legacy_emitters': ("XLA:CPU's loops from its older IR emitters",
-                        {'xla_cpu_use_fusion_emitters': False}, None),
+                        {'xla_cpu_use_fusion_emitters': False}, None, None),
     'llvm_O0': ('LLVM optimisation level 0, not 1',
-                {'xla_backend_optimization_level': 0}, None),
+                {'xla_backend_optimization_level': 0}, None, None),
 }
 
 
 def variant_step(name: str, kind: str, batch: int, quick: bool,
                  scan: bool | None = None):
-  """run.recipe_step's tuple for the variant."""
-  _, options, attend = VARIANTS[name]
+  """run.recipe_step's tuple for the variant (scan: --scan's)."""
+  _, options, attend, variant_scan = VARIANTS[name]
   kept = vit.attend
   vit.attend = attend or kept  # read when the step traces
   try:
-    return bench_lib.recipe_step(kind, batch, quick, options, scan)
+    return bench_lib.recipe_step(
+        kind, batch, quick, options,
+        scan if variant_scan is None else variant_scan)
   finally:
     vit.attend = kept
 
 
-def anatomy(compiled) -> str:
-  """What the compiled step is made of, from its HLO: the loops XLA
-  generates code for, the matmuls (wherever they run), YNNPACK's fusions
-  (matmuls, and the loops and reductions fused with them) and the while
-  loops (a scanned model's blocks among them)."""
-  text = compiled.as_text()
-  return (f'{text.count("kind=kLoop")} loop kernels, '
+def anatomy(held: dict) -> str:
+  """What a variant's compiled step is made of, from its HLO: scanned or
+  unrolled, the loops XLA generates code for, the matmuls (wherever they
+  run), YNNPACK's fusions (matmuls, and the loops and reductions fused
+  with them) and the while loops (a scanned model's blocks among them)."""
+  text = held['compiled'].as_text()
+  return (f'{"scanned" if held["scan"] else "unrolled"}: '
+          f'{text.count("kind=kLoop")} loop kernels, '
           f'{len(re.findall(r" dot[(]", text))} matmuls '
           f'({text.count(YNNPACK_FUSION)} YNNPACK fusions), '
           f'{text.count(" while(")} while loops')
@@ -98,8 +103,7 @@ def main(argv=None):
     _, _, steps[name], held[name] = variant_step(
         name, args.kind, args.batch, args.quick, args.scan)
   times, rounds = taking_turns(steps, 2, args.timed)
-  scanned = held[args.variants[0]]['scan']
-  print(f'{args.kind}{", scanned" if scanned else ""}, batch {args.batch}, '
+  print(f'{args.kind}, batch {args.batch}, '
         f'{jax.default_backend()}: {args.timed} timed steps each, in turns')
   for name in args.variants:
     loss = float(held[name]['metrics']['loss'])
@@ -107,7 +111,7 @@ def main(argv=None):
     print(f'  {name:17s} median {times[name][0] * 1e3:9.1f} ms, '
           f'loss {loss:.6f}, temp {temp:.3f} GiB, compile '
           f'{held[name]["compile_s"]:.1f} s  ({VARIANTS[name][0]})')
-    print(f'  {"":17s} {anatomy(held[name]["compiled"])}')
+    print(f'  {"":17s} {anatomy(held[name])}')
   base = args.variants[0]
   for name in args.variants[1:]:
     ratios = [r[base] / r[name] for r in rounds]
