@@ -106,8 +106,8 @@ def main(argv=None):
       parser.error(f'--dtypes: {name!r} is neither float32 nor bfloat16')
   try:
     import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    torch = None
+  except Exception:  # pylint: disable=broad-except
+    torch = None  # not installed, or a build that does not load
   host = bench_lib.host_cpu()
   print(f'matmul rates on {host["model"]}, {host["cores"]} cores '
         f'({", ".join(host["isa"]) or "no listed ISA"}): the median of '
