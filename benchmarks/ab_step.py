@@ -5,10 +5,10 @@ turns (`timing.taking_turns`, as `make bench` times mimjax and its peer).
       [--timed=10] [--scan] [--quick] VARIANT [VARIANT ...]
 
 A VARIANT is one of VARIANTS: XLA options, an attention the model traces
-in place of vit.attend, or the scanned model. The first is the baseline: for each other
-one it prints the ratio of the baseline's median step time to the
-variant's (above 1: the variant is faster), with its range over the
-rounds. Single rounds spread widely on a small CPU (docs/performance.md):
+in place of vit.attend, or the scanned model. The first is the baseline:
+for each other one it prints the ratio of the baseline's median step
+time to the variant's (above 1: the variant is faster), with its range
+over the rounds. Single rounds spread widely on a small CPU (docs/performance.md):
 a change proves itself when every round agrees. Each variant's compile
 time is printed too (--scan: of the scanned step, the one whose compile
 time `make bench` aims at), after a tiny step's, so that none carries
@@ -32,8 +32,6 @@ from timing import taking_turns  # pylint: disable=g-import-not-at-top,wrong-imp
 
 from mimjax.models import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-
-YNNPACK_FUSION = '"__ynn_fusion"'  # the backend config of its fusions
 
 # name: (what it is, XLA options added to the step's own, the attention the
 # model traces: None for vit.attend, model.scan: None for --scan's).
@@ -80,7 +78,7 @@ def anatomy(held: dict) -> str:
   return (f'{"scanned" if held["scan"] else "unrolled"}: '
           f'{text.count("kind=kLoop")} loop kernels, '
           f'{len(re.findall(r" dot[(]", text))} matmuls '
-          f'({text.count(YNNPACK_FUSION)} YNNPACK fusions), '
+          f'({text.count(bench_lib.YNNPACK_FUSION)} YNNPACK fusions), '
           f'{text.count(" while(")} while loops')
 
 

@@ -19,6 +19,7 @@ where the compiled product runs in it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -31,15 +32,13 @@ import run as bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from timing import taking_turns  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TOKENS = 16 * 197
-# name: (left operand's shape, right operand's, the product's FLOPs, and
-# whether the left one is used transposed).
+# name: (left operand's shape, right operand's, whether the left one is
+# used transposed).
 SHAPES = {
-    'square': ((2048, 2048), (2048, 2048), 2 * 2048**3, False),
-    'mlp': ((TOKENS, 768), (768, 3072), 2 * TOKENS * 768 * 3072, False),
-    'weight_grad': ((TOKENS, 768), (TOKENS, 3072), 2 * TOKENS * 768 * 3072,
-                    True),
-    'scores': ((16 * 12, 197, 64), (16 * 12, 64, 197),
-               2 * 16 * 12 * 197 * 64 * 197, False),
+    'square': ((2048, 2048), (2048, 2048), False),
+    'mlp': ((TOKENS, 768), (768, 3072), False),
+    'weight_grad': ((TOKENS, 768), (TOKENS, 3072), True),
+    'scores': ((16 * 12, 197, 64), (16 * 12, 64, 197), False),
 }
 # library: (the XLA options, whether the product is then a YNNPACK fusion;
 # XLA:CPU runs a large product that is not one in Eigen).
@@ -49,45 +48,44 @@ XLA_LIBRARIES = {
 }
 
 
-def _xla_step(shape: str, dtype: str, library: str):
-  left, right, _, transposed = SHAPES[shape]
-  options, in_ynnpack = XLA_LIBRARIES[library]
+def flop(shape: str) -> int:
+  """The product's FLOPs: 2 x the left operand's size x the right one's
+  last dimension, transposed or not."""
+  left, right, _ = SHAPES[shape]
+  return 2 * math.prod(left) * right[-1]
+
+
+def _product(shape: str):
+  """The product and its two float32 operands, the same for every library
+  (x.T and @ mean the same in jax, torch and NumPy)."""
+  left, right, transposed = SHAPES[shape]
   rng = np.random.default_rng(0)
-  a, b = (jnp.asarray(rng.standard_normal(s, np.float32), dtype)
-          for s in (left, right))
+  operands = [rng.standard_normal(s, np.float32) for s in (left, right)]
   product = (lambda x, y: x.T @ y) if transposed else (lambda x, y: x @ y)
+  return product, operands
+
+
+def _xla_step(product, operands, dtype: str, library: str):
+  options, in_ynnpack = XLA_LIBRARIES[library]
+  a, b = (jnp.asarray(x, dtype) for x in operands)
   compiled = jax.jit(product).lower(a, b).compile(options)
-  if ('"__ynn_fusion"' in compiled.as_text()) != in_ynnpack:
+  if (bench_lib.YNNPACK_FUSION in compiled.as_text()) != in_ynnpack:
     return None
   return lambda: compiled(a, b).block_until_ready()
-
-
-def _torch_step(torch, shape: str, dtype: str):
-  left, right, _, transposed = SHAPES[shape]
-  a, b = (torch.randn(s, dtype=getattr(torch, dtype)) for s in (left, right))
-  if transposed:
-    return lambda: a.t() @ b
-  return lambda: a @ b
-
-
-def _numpy_step(shape: str):
-  left, right, _, transposed = SHAPES[shape]
-  rng = np.random.default_rng(0)
-  a, b = (rng.standard_normal(s, np.float32) for s in (left, right))
-  if transposed:
-    return lambda: a.T @ b
-  return lambda: a @ b
 
 
 def steps_for(shape: str, dtype: str, torch) -> dict:
   """library -> a blocking call of the product; an XLA library left out
   where this jaxlib does not run the product in it."""
-  steps = {f'jax {lib}': _xla_step(shape, dtype, lib) for lib in XLA_LIBRARIES}
+  product, operands = _product(shape)
+  steps = {f'jax {lib}': _xla_step(product, operands, dtype, lib)
+           for lib in XLA_LIBRARIES}
   steps = {lib: step for lib, step in steps.items() if step is not None}
   if torch is not None:
-    steps['torch'] = _torch_step(torch, shape, dtype)
+    a, b = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in operands)
+    steps['torch'] = lambda: product(a, b)
   if dtype == 'float32':  # NumPy has no bfloat16 matmul of its own
-    steps['numpy'] = _numpy_step(shape)
+    steps['numpy'] = lambda: product(*operands)
   return steps
 
 
@@ -116,10 +114,9 @@ def main(argv=None):
         + (f', torch {torch.__version__}' if torch is not None else
            ', no torch') + f', numpy {np.__version__}')
   for shape in shapes:
-    flop = SHAPES[shape][2]
     for dtype in dtypes:
       times, _ = taking_turns(steps_for(shape, dtype, torch), 2, args.timed)
-      rates = '  '.join(f'{lib} {flop / t[0] / 1e9:6.1f}'
+      rates = '  '.join(f'{lib} {flop(shape) / t[0] / 1e9:6.1f}'
                         for lib, t in times.items())
       print(f'  {shape:11s} {dtype:8s} GFLOP/s: {rates}')
 

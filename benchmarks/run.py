@@ -66,6 +66,9 @@ from timing import taking_turns  # pylint: disable=g-import-not-at-top,wrong-imp
 
 FAKE_NUM_TRAIN = 1_000_000  # sizes the LR schedule only
 NUM_CLASSES = 1000
+# How a matmul (or a loop fused with one) that XLA:CPU hands to YNNPACK
+# shows in the compiled HLO: its fusion's backend config.
+YNNPACK_FUSION = '"__ynn_fusion"'
 GIB = 2.0**30
 
 

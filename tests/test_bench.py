@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from fast_jit import fast_xla_flags
+from fast_jit import fast_env
 from mimjax import flops
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -43,13 +43,6 @@ def test_peak_table():
   assert flops.peak_tflops('cpu') is None
 
 
-def _fast_env():
-  """This environment with XLA_FLAGS that compile the tiny steps fast
-  (tests/fast_jit.py): compile times are reported, not judged."""
-  return dict(os.environ,
-              XLA_FLAGS=fast_xla_flags(os.environ.get('XLA_FLAGS', '')))
-
-
 def _positive(x):
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
@@ -58,7 +51,7 @@ def test_quick_run(tmp_path):
   out = tmp_path / 'bench.json'
   proc = subprocess.run(
       [sys.executable, str(SCRIPT), '--quick', '--out', str(out)],
-      cwd=ROOT, env=_fast_env(), capture_output=True, text=True, timeout=300)
+      cwd=ROOT, env=fast_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
   def strict(name):
@@ -136,7 +129,7 @@ def test_ab_step_times_variants_of_the_same_step():
   proc = subprocess.run(
       [sys.executable, str(ROOT / 'benchmarks' / 'ab_step.py'), '--quick',
        '--scan', '--batch=4', '--timed=2', *variants],
-      cwd=ROOT, env=_fast_env(), capture_output=True, text=True, timeout=300)
+      cwd=ROOT, env=fast_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
   medians = [l for l in lines if ' median ' in l]
@@ -181,6 +174,15 @@ def test_chunked_attention_tried_is_attention(monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_matmul_rate_counts_each_products_flops(monkeypatch):
+  monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
+  import matmul_rate  # pylint: disable=g-import-not-at-top
+  assert matmul_rate.flop('square') == 2 * 2048**3
+  assert matmul_rate.flop('mlp') == 2 * 16 * 197 * 768 * 3072
+  assert matmul_rate.flop('weight_grad') == 2 * 16 * 197 * 768 * 3072
+  assert matmul_rate.flop('scores') == 2 * 16 * 12 * 197 * 64 * 197
+
+
 def test_matmul_rate_times_each_library_in_turns():
   """benchmarks/matmul_rate.py: one line per shape and dtype, a positive
   rate for each library (XLA's Eigen always; torch when installed; NumPy
@@ -208,7 +210,7 @@ def test_profile_step_sums_a_traced_step(tmp_path):
       [sys.executable, str(ROOT / 'benchmarks' / 'profile_step.py'),
        '--quick', '--batch=4', '--steps=1', '--top=500',
        f'--trace_dir={tmp_path}'],
-      cwd=ROOT, env=_fast_env(), capture_output=True, text=True, timeout=300)
+      cwd=ROOT, env=fast_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
   total = next(l for l in lines if l.strip().startswith('host: '))
@@ -231,7 +233,7 @@ def test_profile_step_traces_a_compilation(tmp_path):
       [sys.executable, str(ROOT / 'benchmarks' / 'profile_step.py'),
        '--quick', '--batch=4', '--compile', '--scan', '--top=500',
        f'--trace_dir={tmp_path}'],
-      cwd=ROOT, env=_fast_env(), capture_output=True, text=True, timeout=300)
+      cwd=ROOT, env=fast_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
   took = float(next(l for l in lines if 'scanned step took' in l).split(

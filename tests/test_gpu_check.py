@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from fast_jit import fast_xla_flags
+from fast_jit import fast_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_PEER = all(importlib.util.find_spec(m) for m in ('torch', 'transformers'))
@@ -21,9 +21,8 @@ HAVE_PEER = all(importlib.util.find_spec(m) for m in ('torch', 'transformers'))
 def test_gpu_check_tiny_runs_on_cpu():
   # Fast-compiling XLA (tests/fast_jit.py): compile times are printed,
   # not judged.
-  env = {**os.environ, 'PYTHON': sys.executable, 'JAX_PLATFORMS': 'cpu',
-         'CUDA_VISIBLE_DEVICES': '', 'TF_CPP_MIN_LOG_LEVEL': '3',
-         'XLA_FLAGS': fast_xla_flags(os.environ.get('XLA_FLAGS', ''))}
+  env = {**fast_env(), 'PYTHON': sys.executable, 'JAX_PLATFORMS': 'cpu',
+         'CUDA_VISIBLE_DEVICES': '', 'TF_CPP_MIN_LOG_LEVEL': '3'}
   env.pop('GPU_CHECK_TINY', None)
   result = subprocess.run(
       ['bash', os.path.join(REPO, 'benchmarks', 'gpu_check.sh'), '--tiny',

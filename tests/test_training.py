@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from fast_jit import fast_xla_flags
+from fast_jit import fast_env
 from mimjax import checkpoint
 from mimjax import config as config_lib
 from mimjax import sharding
@@ -91,9 +91,8 @@ def test_finetune_loads_pretrained_encoder(tmp_path, data_dir):
 def _run_cli(workdir, data_dir, extra=(), env=None, wait=True):
   cmd = [sys.executable, '-m', 'mimjax.main', f'--workdir={workdir}',
          f'--config={REPO}/tests/tiny_config.py:{data_dir}', *extra]
-  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', **(env or {})}
   # Fast-compiling XLA (tests/fast_jit.py), in every run a test compares.
-  env['XLA_FLAGS'] = fast_xla_flags(env.get('XLA_FLAGS', ''))
+  env = fast_env({**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', **(env or {})})
   if wait:
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=600)
