@@ -43,6 +43,17 @@ VARIANTS = {
                 None, True),
     'eigen': ('XLA:CPU matmuls through Eigen, none through YNNPACK',
               {'xla_cpu_experimental_ynn_fusion_type': ''}, None, None),
+    'eigen_dots': ("YNNPACK's loop and reduction fusions only, its matmul "
+                   'fusions not',
+                   {'xla_cpu_experimental_ynn_fusion_type':
+                    'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE'},
+                   None, None),
+    'vectors_512': ("XLA:CPU's loops in 512-bit vectors, not 256",
+                    {'xla_cpu_prefer_vector_width': 512}, None, None),
+    'plain_scheduler': ("XLA:CPU's scheduler without its concurrency "
+                        'optimisation',
+                        {'xla_cpu_enable_concurrency_optimized_scheduler':
+                         False}, None, None),
     'chunked_attention': ('attention_chunks.chunked_attend, tried', {},
                           attention_chunks.chunked_attend, None),
     'fast_compile': ("XLA:CPU's FAST_COMPILE preset",
@@ -72,13 +83,23 @@ def variant_step(name: str, kind: str, batch: int, quick: bool,
 def anatomy(held: dict) -> str:
   """What a variant's compiled step is made of, from its HLO: scanned or
   unrolled, the loops XLA generates code for, the matmuls (wherever they
-  run), YNNPACK's fusions (matmuls, and the loops and reductions fused
-  with them) and the while loops (a scanned model's blocks among them)."""
+  run) and how many of them YNNPACK runs, YNNPACK's fusions (matmuls, and
+  the loops and reductions fused with them) and the while loops (a
+  scanned model's blocks among them)."""
   text = held['compiled'].as_text()
+  ynnpack = set(re.findall(
+      r'calls=(%[\w.-]+)[^\n]*' + re.escape(bench_lib.YNNPACK_FUSION), text))
+  in_ynnpack, computation = 0, None
+  for line in text.splitlines():
+    if line.endswith('{') and not line.startswith(' '):  # a computation
+      computation = line.removeprefix('ENTRY ').split()[0]
+    elif computation in ynnpack:
+      in_ynnpack += ' dot(' in line
   return (f'{"scanned" if held["scan"] else "unrolled"}: '
           f'{text.count("kind=kLoop")} loop kernels, '
           f'{len(re.findall(r" dot[(]", text))} matmuls '
-          f'({text.count(bench_lib.YNNPACK_FUSION)} YNNPACK fusions), '
+          f'({in_ynnpack} in YNNPACK), '
+          f'{text.count(bench_lib.YNNPACK_FUSION)} YNNPACK fusions, '
           f'{text.count(" while(")} while loops')
 
 

@@ -143,15 +143,15 @@ def test_ab_step_times_variants_of_the_same_step():
     assert _positive(float(ratio.split(':')[1].split('x')[0])), proc.stdout
   anatomies = [lines[lines.index(median) + 1] for median in medians]
   assert all(a.split()[0] == 'scanned:' for a in anatomies), anatomies
-  anatomy = {name: dict(zip(('loops', 'matmuls', 'ynnpack'),
+  anatomy = {name: dict(zip(('loops', 'matmuls', 'in_ynnpack'),
                             map(int, re.findall(r'\d+', a))))
              for name, a in zip(variants, anatomies)}
   assert anatomy['chunked_attention']['matmuls'] > anatomy['default'][
       'matmuls'] > 0, anatomy
   assert anatomy['fast_compile']['loops'] > anatomy['default']['loops']
-  if not anatomy['default']['ynnpack']:
+  if not anatomy['default']['in_ynnpack']:
     pytest.skip('this jaxlib runs no matmul in YNNPACK')
-  assert anatomy['eigen']['ynnpack'] == 0, anatomy
+  assert anatomy['eigen']['in_ynnpack'] == 0, anatomy
 
 
 def test_chunked_attention_tried_is_attention(monkeypatch):
