@@ -1,7 +1,8 @@
 """The step's faster formulations (docs/performance.md) compute what the
 plain ones compute: heads-major attention on CPU, the token-major layout
 and padded odd lengths that cuDNN gets on GPU, q, k and v as one matmul,
-a softmax whose backward keeps only its output, and GELU through erf."""
+a softmax whose backward keeps only its output, GELU through erf, and
+drop path drawn once for the whole stack."""
 
 import contextlib
 import io
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mimjax import convert
 from mimjax.models import vit
 
 
@@ -101,3 +103,33 @@ def test_mlp_gelu_is_the_exact_gelu():
           params['fc2']['bias'])
   np.testing.assert_allclose(mlp.apply({'params': params}, x), want,
                              rtol=1e-5, atol=1e-5)
+
+
+def test_drop_path_is_drawn_once_for_the_stack():
+  """Stochastic depth's factors are drawn for the whole stack at once (one
+  RNG loop on CPU, not two per branch): 0 or 1/keep, unbiased, never
+  dropping the first block (rate 0); a dropped branch adds nothing, even
+  where it is not finite; and the scanned and the unrolled transformer
+  draw the same factors, so they train alike."""
+  scales = vit.drop_path_scales(jax.random.key(0), jnp.array([0.0, 0.5]),
+                                4096)
+  assert scales.shape == (2, 2, 4096)
+  np.testing.assert_array_equal(scales[0], 1.0)
+  assert set(np.unique(scales[1]).tolist()) == {0.0, 2.0}
+  assert abs(float(scales[1].mean()) - 1.0) < 0.05
+  dropped = vit.drop_path(jnp.full((3, 2, 4), jnp.inf),
+                          jnp.array([0.0, 2.0, 0.0]))
+  np.testing.assert_array_equal(dropped[::2], 0.0)
+
+  x = jax.random.normal(jax.random.key(1), (8, 5, 16))
+  config = dict(depth=3, num_heads=2, drop_path=0.5)
+  unrolled, scanned = (vit.Transformer(**config, scan=scan)
+                       for scan in (False, True))
+  params = nn.meta.unbox(unrolled.init(jax.random.key(2), x, train=False))
+  train = lambda model, p: model.apply(
+      p, x, train=True, rngs={'dropout': jax.random.key(3)})[0]
+  out = train(unrolled, params)
+  np.testing.assert_allclose(
+      train(scanned, {'params': convert.stack_blocks(params['params'])}),
+      out, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(out, unrolled.apply(params, x, train=False)[0])

@@ -403,18 +403,14 @@ def mixup_cutmix(rng, images, labels_onehot, mixup_alpha=0.8, cutmix_alpha=1.0,
   labels = labels_onehot * (1.0 - label_smoothing) + off
   if mixup_alpha <= 0 and cutmix_alpha <= 0:
     return images, labels
-  k_switch, k_mix, k_cut, k_y, k_x = jax.random.split(rng, 5)
+  k_switch, k_lam, k_y, k_x = jax.random.split(rng, 4)
   if mixup_alpha > 0 and cutmix_alpha > 0:
     use_cutmix = jax.random.uniform(k_switch) < switch_prob
-    lam = jnp.where(use_cutmix,
-                    jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha),
-                    jax.random.beta(k_mix, mixup_alpha, mixup_alpha))
-  elif mixup_alpha > 0:
-    use_cutmix = jnp.asarray(False)
-    lam = jax.random.beta(k_mix, mixup_alpha, mixup_alpha)
   else:
-    use_cutmix = jnp.asarray(True)
-    lam = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha)
+    use_cutmix = jnp.asarray(cutmix_alpha > 0)
+  # One draw from the chosen Beta: each draw is a rejection loop.
+  alpha = jnp.where(use_cutmix, cutmix_alpha, mixup_alpha)
+  lam = jax.random.beta(k_lam, alpha, alpha)
 
   height, width = images.shape[1], images.shape[2]
   cut = jnp.sqrt(1.0 - lam)

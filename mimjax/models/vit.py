@@ -125,14 +125,21 @@ def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------- blocks
 
 
-def drop_path(module: nn.Module, x, rate, active: bool):
-  """Stochastic depth: drops the whole residual branch per sample."""
-  if not active:
-    return x
-  keep = 1.0 - jnp.asarray(rate, x.dtype)
-  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-  mask = jax.random.bernoulli(module.make_rng('dropout'), keep, shape)
-  return jnp.where(mask, x / keep, 0.0)
+def drop_path_scales(rng, rates, batch: int):
+  """Stochastic depth for a stack of blocks, drawn at once: (depth, 2, batch)
+  factors for each block's two residual branches and each sample, 0 (the
+  branch dropped) or 1 / keep. One draw for the stack, where a draw per
+  branch would be two RNG loops per branch on CPU."""
+  keep = 1.0 - rates[:, None, None]
+  kept = jax.random.bernoulli(rng, keep, (len(rates), 2, batch))
+  return jnp.where(kept, 1.0 / keep, 0.0)
+
+
+def drop_path(x, scale):
+  """x with its samples' residual branch scaled by `scale` (batch,): 0
+  drops it, whatever x holds."""
+  scale = scale.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+  return jnp.where(scale > 0, x * scale, 0)
 
 
 class PatchEmbed(nn.Module):
@@ -317,23 +324,25 @@ def layer_norm(name, eps, dtype):
 
 
 class Block(nn.Module):
-  """Pre-norm Transformer block. Returns (tokens, tokens) so it can be scanned."""
+  """Pre-norm Transformer block. Returns (tokens, tokens) so it can be
+  scanned. `drop_scales`: None, or (2, batch) drop path factors for the
+  attention and the MLP branch (drop_path_scales)."""
   num_heads: int
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-6
-  use_drop_path: bool = False  # training with drop_path > 0
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, drop_rate):
+  def __call__(self, x, drop_scales=None):
     width = x.shape[-1]
-    drop = lambda y: drop_path(self, y, drop_rate, self.use_drop_path)
+    drop = lambda y, i: y if drop_scales is None else drop_path(
+        y, drop_scales[i])
     y = layer_norm('norm1', self.norm_eps, self.dtype)(x)
     y = Attention(self.num_heads, self.dtype, name='attn')(y)
-    x = x + drop(y)
+    x = x + drop(y, 0)
     y = layer_norm('norm2', self.norm_eps, self.dtype)(x)
     y = Mlp(int(width * self.mlp_ratio), self.dtype, name='mlp')(y)
-    x = x + drop(y)
+    x = x + drop(y, 1)
     x = constrain(x, ('batch', 'length', 'embed'))
     return x, x
 
@@ -374,23 +383,24 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    rates = [self.drop_path * i / max(self.depth - 1, 1)
-             for i in range(self.depth)]
+    scales = None  # drop path's, one (2, batch) per block
+    if train and self.drop_path > 0:
+      rates = self.drop_path * jnp.arange(self.depth) / max(self.depth - 1, 1)
+      scales = drop_path_scales(self.make_rng('dropout'), rates, x.shape[0])
     block = (nn.remat(Block, policy=checkpoint_policy(self.remat_policy))
              if self.remat else Block)
     kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                  norm_eps=self.norm_eps,
-                  use_drop_path=train and self.drop_path > 0, dtype=self.dtype)
+                  norm_eps=self.norm_eps, dtype=self.dtype)
     if self.scan:
       stack = nn.scan(
           block, variable_axes={'params': 0}, in_axes=0, length=self.depth,
-          split_rngs={'params': True, 'dropout': True},
+          split_rngs={'params': True},
           metadata_params={nn.PARTITION_NAME: 'layers'})
-      rates = jnp.asarray(rates, jnp.float32)
-      return stack(**kwargs, name='blocks')(x, rates)
+      return stack(**kwargs, name='blocks')(x, scales)
     outputs = []
-    for i, rate in enumerate(rates):
-      x, _ = block(**kwargs, name=f'blocks_{i}')(x, rate)
+    for i in range(self.depth):
+      x, _ = block(**kwargs, name=f'blocks_{i}')(
+          x, None if scales is None else scales[i])
       outputs.append(x)
     return x, jnp.stack(outputs)
 
