@@ -5,7 +5,7 @@ turns (`timing.taking_turns`, as `make bench` times mimjax and its peer).
       [--timed=10] [--scan] [--quick] VARIANT [VARIANT ...]
 
 A VARIANT is one of VARIANTS: XLA options, an attention the model traces
-in place of vit.attend, or the scanned model. The first is the baseline:
+in place of vit.attend, the scanned model, or recipe config overrides. The first is the baseline:
 for each other one it prints the ratio of the baseline's median step
 time to the variant's (above 1: the variant is faster), with its range
 over the rounds. Single rounds spread widely on a small CPU (docs/performance.md):
@@ -22,6 +22,7 @@ import os
 import re
 import statistics
 import sys
+from typing import Callable, NamedTuple
 
 import jax
 
@@ -33,49 +34,63 @@ from timing import taking_turns  # pylint: disable=g-import-not-at-top,wrong-imp
 from mimjax.models import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-# name: (what it is, XLA options added to the step's own, the attention the
-# model traces: None for vit.attend, model.scan: None for --scan's).
+class Variant(NamedTuple):
+  what: str
+  xla_options: dict = {}  # added to the step's own
+  attend: Callable | None = None  # traced in place of vit.attend
+  scan: bool | None = None  # model.scan; None: --scan's
+  config: dict = {}  # recipe config overrides, by dotted path
+
+
+# The work the fine-tuning peer does (benchmarks/run.py): no mixup or
+# cutmix, drop path, label smoothing or layer decay.
+PEER_FINETUNE = {'finetune.mixup': 0.0, 'finetune.cutmix': 0.0,
+                 'finetune.drop_path': 0.0, 'finetune.label_smoothing': 0.0,
+                 'finetune.layer_decay': 1.0}
+
 VARIANTS = {
-    'default': ('the step as the recipe builds it', {}, None, None),
-    'control': ('the default step again, compiled apart: the spread of two '
-                'equal steps', {}, None, None),
-    'scanned': ("the model's blocks in one lax.scan (model.scan=True)", {},
-                None, True),
-    'eigen': ('XLA:CPU matmuls through Eigen, none through YNNPACK',
-              {'xla_cpu_experimental_ynn_fusion_type': ''}, None, None),
-    'eigen_dots': ("YNNPACK's loop and reduction fusions only, its matmul "
-                   'fusions not',
-                   {'xla_cpu_experimental_ynn_fusion_type':
-                    'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE'},
-                   None, None),
-    'vectors_512': ("XLA:CPU's loops in 512-bit vectors, not 256",
-                    {'xla_cpu_prefer_vector_width': 512}, None, None),
-    'plain_scheduler': ("XLA:CPU's scheduler without its concurrency "
-                        'optimisation',
-                        {'xla_cpu_enable_concurrency_optimized_scheduler':
-                         False}, None, None),
-    'chunked_attention': ('attention_chunks.chunked_attend, tried', {},
-                          attention_chunks.chunked_attend, None),
-    'fast_compile': ("XLA:CPU's FAST_COMPILE preset",
-                     {'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE'},
-                     None, None),
-    'legacy_emitters': ("XLA:CPU's loops from its older IR emitters",
-                        {'xla_cpu_use_fusion_emitters': False}, None, None),
-    'llvm_O0': ('LLVM optimisation level 0, not 1',
-                {'xla_backend_optimization_level': 0}, None, None),
+    'default': Variant('the step as the recipe builds it'),
+    'control': Variant('the default step again, compiled apart: the spread '
+                       'of two equal steps'),
+    'scanned': Variant("the model's blocks in one lax.scan (model.scan=True)",
+                       scan=True),
+    'peer_work': Variant('fine-tuning without the work its peer skips: '
+                         'mixup, cutmix, drop path, label smoothing, layer '
+                         'decay', config=PEER_FINETUNE),
+    'eigen': Variant('XLA:CPU matmuls through Eigen, none through YNNPACK',
+                     {'xla_cpu_experimental_ynn_fusion_type': ''}),
+    'eigen_dots': Variant(
+        "YNNPACK's loop and reduction fusions only, its matmul fusions not",
+        {'xla_cpu_experimental_ynn_fusion_type':
+         'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE'}),
+    'vectors_512': Variant("XLA:CPU's loops in 512-bit vectors, not 256",
+                           {'xla_cpu_prefer_vector_width': 512}),
+    'plain_scheduler': Variant(
+        "XLA:CPU's scheduler without its concurrency optimisation",
+        {'xla_cpu_enable_concurrency_optimized_scheduler': False}),
+    'chunked_attention': Variant('attention_chunks.chunked_attend, tried',
+                                 attend=attention_chunks.chunked_attend),
+    'fast_compile': Variant(
+        "XLA:CPU's FAST_COMPILE preset",
+        {'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE'}),
+    'legacy_emitters': Variant("XLA:CPU's loops from its older IR emitters",
+                               {'xla_cpu_use_fusion_emitters': False}),
+    'llvm_O0': Variant('LLVM optimisation level 0, not 1',
+                       {'xla_backend_optimization_level': 0}),
 }
 
 
 def variant_step(name: str, kind: str, batch: int, quick: bool,
                  scan: bool | None = None):
   """run.recipe_step's tuple for the variant (scan: --scan's)."""
-  _, options, attend, variant_scan = VARIANTS[name]
+  variant = VARIANTS[name]
   kept = vit.attend
-  vit.attend = attend or kept  # read when the step traces
+  vit.attend = variant.attend or kept  # read when the step traces
   try:
     return bench_lib.recipe_step(
-        kind, batch, quick, options,
-        scan if variant_scan is None else variant_scan)
+        kind, batch, quick, variant.xla_options,
+        scan if variant.scan is None else variant.scan,
+        overrides=variant.config)
   finally:
     vit.attend = kept
 
@@ -129,7 +144,7 @@ def main(argv=None):
     temp = held[name]['compiled'].memory_analysis().temp_size_in_bytes / 2**30
     print(f'  {name:17s} median {times[name][0] * 1e3:9.1f} ms, '
           f'loss {loss:.6f}, temp {temp:.3f} GiB, compile '
-          f'{held[name]["compile_s"]:.1f} s  ({VARIANTS[name][0]})')
+          f'{held[name]["compile_s"]:.1f} s  ({VARIANTS[name].what})')
     print(f'  {"":17s} {anatomy(held[name])}')
   base = args.variants[0]
   for name in args.variants[1:]:

@@ -92,9 +92,10 @@ def benches(on_cpu: bool) -> list[Bench]:
 
 
 def make_config(bench: Bench, batch: int, dtype: str, quick: bool,
-                scan: bool | None = None):
+                scan: bool | None = None, overrides: dict | None = None):
   """The reference recipe, at the benchmark's batch and dtype (scan None:
-  as the recipe says); --quick only shrinks the sizes."""
+  as the recipe says; overrides: values by dotted path); --quick only
+  shrinks the sizes."""
   from configs import mae_imagenet  # pylint: disable=g-import-not-at-top
   c = mae_imagenet.get_config(bench.size)
   c.model.dtype = dtype
@@ -102,6 +103,7 @@ def make_config(bench: Bench, batch: int, dtype: str, quick: bool,
     c.model.scan = scan
   c.pretrain.knn_every = c.pretrain.recon_every = 0  # no evaluators
   c.pretrain.batch_size = c.finetune.batch_size = batch
+  c.update_from_flattened_dict(overrides or {})
   if quick:
     c.model.size = {'B': 'mu', 'L': 'nano'}[bench.size]
     c.model.patch_size = 4
@@ -223,18 +225,20 @@ def _stepper(holder: dict):
 
 def recipe_step(kind: str, batch: int, quick: bool,
                 compiler_options: dict | None = None,
-                scan: bool | None = None, compile_trace_dir: str = ''):
+                scan: bool | None = None, compile_trace_dir: str = '',
+                overrides: dict | None = None):
   """The recipe's train step on random images, compiled (with
   `compiler_options` added to the step's own XLA options; scan None: as
   the recipe says; the compilation traced into `compile_trace_dir` if
-  given): (its Bench, dtype, step: a blocking call of one step, holder:
-  its compiled step, compile seconds, whether it is scanned, state and
-  last metrics). For profile_step.py and ab_step.py."""
+  given; overrides: config values by dotted path): (its Bench, dtype,
+  step: a blocking call of one step, holder: its compiled step, compile
+  seconds, whether it is scanned, state and last metrics). For
+  profile_step.py and ab_step.py."""
   from mimjax import build, sharding  # pylint: disable=g-import-not-at-top
   from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   bench = next(b for b in benches(on_cpu=True) if b.kind == kind)
   dtype = step_dtype()
-  config = make_config(bench, batch, dtype, quick, scan)
+  config = make_config(bench, batch, dtype, quick, scan, overrides)
   mesh, rules = build.setup(config)
   recipe = _recipe(bench, config, mesh)
   state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
