@@ -5,14 +5,15 @@ turns (`timing.taking_turns`, as `make bench` times mimjax and its peer).
       [--timed=10] [--scan] [--quick] VARIANT [VARIANT ...]
 
 A VARIANT is one of VARIANTS: XLA options, an attention the model traces
-in place of vit.attend, the scanned model, or recipe config overrides. The first is the baseline:
-for each other one it prints the ratio of the baseline's median step
-time to the variant's (above 1: the variant is faster), with its range
-over the rounds. Single rounds spread widely on a small CPU (docs/performance.md):
-a change proves itself when every round agrees. Each variant's compile
-time is printed too (--scan: of the scanned step, the one whose compile
-time `make bench` aims at), after a tiny step's, so that none carries
-the process's first compilation, and what its compiled step is made of.
+in place of vit.attend, the scanned model, or recipe config overrides.
+The first is the baseline: for each other one it prints the ratio of the
+baseline's median step time to the variant's (above 1: the variant is
+faster), with its range over the rounds. Single rounds spread widely on
+a small CPU (docs/performance.md): a change proves itself when every
+round agrees. Each variant's compile time is printed too (--scan: of the
+scanned step, the one whose compile time `make bench` aims at), after a
+tiny step's, so that none carries the process's first compilation, and
+what its compiled step is made of.
 """
 
 from __future__ import annotations
