@@ -17,7 +17,9 @@ trained by the recipe's own step (`trainers.*_recipe`, `state.create`,
   * the same step in PyTorch (HF transformers ViTMAEForPreTraining or
     ViTForImageClassification + AdamW), same shapes and batch, when torch and
     transformers import, and the ratio mimjax/PyTorch. The fine-tuning peer
-    does less work than the recipe: no mixup/cutmix, drop path or layer decay.
+    does less work than the recipe: no mixup/cutmix, drop path, label
+    smoothing or layer decay (what they cost mimjax's step:
+    `ab_step.py --kind=finetune default peer_work`).
     The two take turns (`timing.taking_turns`: rounds of one untimed and two
     timed steps each), so that both are timed in the same minutes of a
     machine whose speed drifts; the ratio's range over the rounds is printed
@@ -446,7 +448,9 @@ def build_peer(peer, kind: str, s: dict, batch: int):
       torch.cuda.empty_cache()
 
   note = (f'HF {type(config).__name__[:-6]} + AdamW on {device.type}, '
-          + ('bf16 autocast' if cuda else 'fp32'))
+          + ('bf16 autocast' if cuda else 'fp32')
+          + ('' if kind == 'pretrain' else ", without the recipe's mixup, "
+             'cutmix, drop path, label smoothing and layer decay'))
   return step, note, free
 
 
