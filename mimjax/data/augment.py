@@ -408,9 +408,11 @@ def mixup_cutmix(rng, images, labels_onehot, mixup_alpha=0.8, cutmix_alpha=1.0,
     use_cutmix = jax.random.uniform(k_switch) < switch_prob
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  # One draw from the chosen Beta: each draw is a rejection loop.
+  # lam ~ Beta(alpha, alpha) = g0 / (g0 + g1), g ~ Gamma(alpha): one draw of
+  # both gammas, from the chosen alpha (each draw is a rejection loop).
   alpha = jnp.where(use_cutmix, cutmix_alpha, mixup_alpha)
-  lam = jax.random.beta(k_lam, alpha, alpha)
+  log_g = jax.random.loggamma(k_lam, jnp.full((2,), alpha))
+  lam = jax.nn.sigmoid(log_g[0] - log_g[1])
 
   height, width = images.shape[1], images.shape[2]
   cut = jnp.sqrt(1.0 - lam)
