@@ -43,12 +43,6 @@ class Variant(NamedTuple):
   config: dict = {}  # recipe config overrides, by dotted path
 
 
-# The work the fine-tuning peer does (benchmarks/run.py): no mixup or
-# cutmix, drop path, label smoothing or layer decay.
-PEER_FINETUNE = {'finetune.mixup': 0.0, 'finetune.cutmix': 0.0,
-                 'finetune.drop_path': 0.0, 'finetune.label_smoothing': 0.0,
-                 'finetune.layer_decay': 1.0}
-
 VARIANTS = {
     'default': Variant('the step as the recipe builds it'),
     'control': Variant('the default step again, compiled apart: the spread '
@@ -56,8 +50,8 @@ VARIANTS = {
     'scanned': Variant("the model's blocks in one lax.scan (model.scan=True)",
                        scan=True),
     'peer_work': Variant('fine-tuning without the work its peer skips: '
-                         'mixup, cutmix, drop path, label smoothing, layer '
-                         'decay', config=PEER_FINETUNE),
+                         + bench_lib.peer_skips(),
+                         config=bench_lib.PEER_SKIPS),
     'eigen': Variant('XLA:CPU matmuls through Eigen, none through YNNPACK',
                      {'xla_cpu_experimental_ynn_fusion_type': ''}),
     'eigen_dots': Variant(

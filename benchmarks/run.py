@@ -17,8 +17,8 @@ trained by the recipe's own step (`trainers.*_recipe`, `state.create`,
   * the same step in PyTorch (HF transformers ViTMAEForPreTraining or
     ViTForImageClassification + AdamW), same shapes and batch, when torch and
     transformers import, and the ratio mimjax/PyTorch. The fine-tuning peer
-    does less work than the recipe: no mixup/cutmix, drop path, label
-    smoothing or layer decay (what they cost mimjax's step:
+    does less work than the recipe (PEER_SKIPS: no mixup/cutmix, drop
+    path, label smoothing or layer decay; what they cost mimjax's step:
     `ab_step.py --kind=finetune default peer_work`).
     The two take turns (`timing.taking_turns`: rounds of one untimed and two
     timed steps each), so that both are timed in the same minutes of a
@@ -68,6 +68,11 @@ from timing import taking_turns  # pylint: disable=g-import-not-at-top,wrong-imp
 
 FAKE_NUM_TRAIN = 1_000_000  # sizes the LR schedule only
 NUM_CLASSES = 1000
+# What of the fine-tuning recipe the peer does not do, as the config values
+# that turn it off in mimjax (ab_step.py's peer_work variant).
+PEER_SKIPS = {'finetune.mixup': 0.0, 'finetune.cutmix': 0.0,
+              'finetune.drop_path': 0.0, 'finetune.label_smoothing': 0.0,
+              'finetune.layer_decay': 1.0}
 # How a matmul (or a loop fused with one) that XLA:CPU hands to YNNPACK
 # shows in the compiled HLO: its fusion's backend config.
 YNNPACK_FUSION = '"__ynn_fusion"'
@@ -449,9 +454,15 @@ def build_peer(peer, kind: str, s: dict, batch: int):
 
   note = (f'HF {type(config).__name__[:-6]} + AdamW on {device.type}, '
           + ('bf16 autocast' if cuda else 'fp32')
-          + ('' if kind == 'pretrain' else ", without the recipe's mixup, "
-             'cutmix, drop path, label smoothing and layer decay'))
+          + ('' if kind == 'pretrain' else
+             f", without the recipe's {peer_skips()}"))
   return step, note, free
+
+
+def peer_skips() -> str:
+  """PEER_SKIPS in words: 'mixup, cutmix, ... and layer decay'."""
+  names = [path.split('.')[-1].replace('_', ' ') for path in PEER_SKIPS]
+  return f'{", ".join(names[:-1])} and {names[-1]}'
 
 
 def peer_unavailable(peer, why: str | None) -> str | None:

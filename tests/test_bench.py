@@ -154,6 +154,21 @@ def test_ab_step_times_variants_of_the_same_step():
   assert anatomy['eigen']['in_ynnpack'] == 0, anatomy
 
 
+def test_peer_work_variant_compiles_the_step_without_the_peers_skips(
+    monkeypatch):
+  """ab_step's peer_work overrides reach the compiled fine-tuning step: its
+  random draws (mixup/cutmix's Beta, drop path's masks, each a while loop
+  on CPU) are gone, and the peer's line names what it skips."""
+  monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
+  import ab_step  # pylint: disable=g-import-not-at-top
+  loops = {name: ab_step.variant_step(name, 'finetune', 4, True)[3][
+      'compiled'].as_text().count(' while(')
+           for name in ('default', 'peer_work')}
+  assert loops['default'] > loops['peer_work'] == 0, loops
+  assert ab_step.bench_lib.peer_skips() == (
+      'mixup, cutmix, drop path, label smoothing and layer decay')
+
+
 def test_chunked_attention_tried_is_attention(monkeypatch):
   """ab_step's chunked_attention (tried, not kept) computes vit.attend's
   values and gradients, in chunks of two rows here."""
