@@ -2,14 +2,17 @@
 products through YNNPACK (its default) and through Eigen, PyTorch's (when
 installed) and NumPy's; float32 and bfloat16.
 
-  python benchmarks/matmul_rate.py [--shapes=square,mlp,weight_grad,scores]
-      [--dtypes=float32,bfloat16] [--timed=10]
+  python benchmarks/matmul_rate.py [--shapes=square,mlp,...] [--timed=10]
+      [--dtypes=float32,bfloat16] [--settle=0.5]
 
 Shapes: `square`, 2048 x 2048 x 2048; `mlp`, the fine-tuned ViT-B/16's MLP
 at batch 16, (16*197, 768) @ (768, 3072); `weight_grad`, that kernel's
 gradient, (16*197, 768)^T @ (16*197, 3072), a product whose operands
 XLA:CPU lays out for Eigen; `scores`, its attention's 16*12 batched
-(197, 64) @ (64, 197) products. It answers what the step's profile
+(197, 64) @ (64, 197) products. Two are pre-training's:
+`encoder_mlp`, the MAE encoder's MLP on the kept tokens,
+(16*50, 768) @ (768, 3072), and `decoder_mlp`, its decoder's,
+(16*197, 512) @ (512, 2048). It answers what the step's profile
 cannot: how fast each library runs the products the step is made of on
 this CPU, and whether bfloat16 reaches the CPU's matrix units (AMX) in
 either framework (docs/performance.md). An XLA library is timed only
@@ -32,6 +35,7 @@ import run as bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from timing import taking_turns  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TOKENS = 16 * 197
+KEPT = 16 * 50  # MAE's encoder: 49 of 196 patches kept, and the cls token
 # name: (left operand's shape, right operand's, whether the left one is
 # used transposed).
 SHAPES = {
@@ -39,6 +43,8 @@ SHAPES = {
     'mlp': ((TOKENS, 768), (768, 3072), False),
     'weight_grad': ((TOKENS, 768), (TOKENS, 3072), True),
     'scores': ((16 * 12, 197, 64), (16 * 12, 64, 197), False),
+    'encoder_mlp': ((KEPT, 768), (768, 3072), False),
+    'decoder_mlp': ((TOKENS, 512), (512, 2048), False),
 }
 # library: (the XLA options, whether the product is then a YNNPACK fusion;
 # XLA:CPU runs a large product that is not one in Eigen).
@@ -91,9 +97,12 @@ def steps_for(shape: str, dtype: str, torch) -> dict:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--shapes', default='square,mlp,weight_grad,scores')
+  parser.add_argument('--shapes', default=','.join(SHAPES))
   parser.add_argument('--dtypes', default='float32,bfloat16')
   parser.add_argument('--timed', type=int, default=10)
+  parser.add_argument('--settle', type=float, default=0.5,
+                      help="seconds' sleep before each turn, for the last "
+                      "library's threads to stop spinning")
   args = parser.parse_args(argv)
   shapes, dtypes = args.shapes.split(','), args.dtypes.split(',')
   for name in shapes:
@@ -115,7 +124,8 @@ def main(argv=None):
            ', no torch') + f', numpy {np.__version__}')
   for shape in shapes:
     for dtype in dtypes:
-      times, _ = taking_turns(steps_for(shape, dtype, torch), 2, args.timed)
+      times, _ = taking_turns(steps_for(shape, dtype, torch), 2, args.timed,
+                              settle_s=args.settle)
       rates = '  '.join(f'{lib} {flop(shape) / t[0] / 1e9:6.1f}'
                         for lib, t in times.items())
       print(f'  {shape:11s} {dtype:8s} GFLOP/s: {rates}')

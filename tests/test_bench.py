@@ -196,6 +196,8 @@ def test_matmul_rate_counts_each_products_flops(monkeypatch):
   assert matmul_rate.flop('mlp') == 2 * 16 * 197 * 768 * 3072
   assert matmul_rate.flop('weight_grad') == 2 * 16 * 197 * 768 * 3072
   assert matmul_rate.flop('scores') == 2 * 16 * 12 * 197 * 64 * 197
+  assert matmul_rate.flop('encoder_mlp') == 2 * 16 * 50 * 768 * 3072
+  assert matmul_rate.flop('decoder_mlp') == 2 * 16 * 197 * 512 * 2048
 
 
 def test_matmul_rate_times_each_library_in_turns():
