@@ -49,8 +49,8 @@ def taking_turns(steps: dict, warmup: int, timed: int, per_turn: int = 2,
   with) and `per_turn` timed ones, until each has made `timed`. With
   `settle_s`, each turn starts after that many seconds of sleep, for
   the threads of the library that ran before to stop spinning: OpenBLAS's
-  (NumPy's) keep a core busy for about 0.1 s after each product, and
-  slowed the next library's products of a few milliseconds by up to half
+  (NumPy's) keep a core busy for a while after each product, and slowed
+  the next library's products of about 10 ms by up to 40%
   (benchmarks/matmul_rate.py, docs/performance.md).
 
   Returns name -> median_step's triple plus the seconds of its untimed
