@@ -259,3 +259,24 @@ def test_profile_step_traces_a_compilation(tmp_path):
           if len(l.split()) == 3 and l.split()[1].isdigit()}
   assert 0 < rows['PjRtCpuClient::Compile'] <= took, proc.stdout
   assert not [event for event in rows if event.endswith('_fusion')], rows
+
+
+def test_attention_rate_times_each_shape_in_turns():
+  """benchmarks/attention_rate.py --quick: for each shape, a positive time
+  a pass and a step for mimjax, and for PyTorch's two passes when torch is
+  installed; no speed is asserted."""
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / 'benchmarks' / 'attention_rate.py'),
+       '--quick', '--timed=2'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  shapes = [l.split()[0] for l in lines if l.startswith('  ') and
+            l.rstrip().endswith('blocks:')]
+  assert shapes == ['decoder', 'encoder', 'finetune'], proc.stdout
+  times = re.findall(r'^    (mimjax|torch sdpa|torch bmm) +([\d.]+) ms a pass, '
+                     r'+([\d.]+) ms a step$', proc.stdout, re.M)
+  libraries = ['mimjax'] + (['torch sdpa', 'torch bmm']
+                            if _importable('torch') else [])
+  assert [t[0] for t in times] == libraries * 3, proc.stdout
+  assert all(float(a) > 0 and float(b) > 0 for _, a, b in times), proc.stdout
