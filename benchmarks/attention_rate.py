@@ -56,6 +56,19 @@ def mimjax_pass(arrays):
   return lambda: jax.block_until_ready(both(q, k, v, g))
 
 
+def largest_difference(torch, arrays) -> float:
+  """The largest absolute difference between vit.attend's output and
+  gradients and PyTorch's fused kernel's: that the two compute the same."""
+  q, k, v, g = (jax.numpy.asarray(x) for x in arrays)
+  out, vjp = jax.vjp(vit.attend, q, k, v)
+  ours = [out, *vjp(g)]
+  q, k, v = (torch.from_numpy(x).requires_grad_() for x in arrays[:3])
+  theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+  theirs.backward(torch.from_numpy(arrays[3]))
+  return max(float(np.abs(np.asarray(a) - b.detach().numpy()).max())
+             for a, b in zip(ours, (theirs, q.grad, k.grad, v.grad)))
+
+
 def torch_passes(torch, arrays) -> dict:
   """name -> a forward and backward pass in PyTorch: its fused kernel, and
   the same function as plain batched products."""
@@ -104,7 +117,10 @@ def main(argv=None):
     if torch is not None:
       passes.update(torch_passes(torch, arrays))
     times, _ = taking_turns(passes, 2, args.timed, settle_s=args.settle)
-    print(f'  {name} {shape}, {blocks} blocks:')
+    agree = (f' (mimjax and torch sdpa differ by at most '
+             f'{largest_difference(torch, arrays):.1e})' if torch is not None
+             else '')
+    print(f'  {name} {shape}, {blocks} blocks{agree}:')
     for library, (median, *_) in times.items():
       print(f'    {library:11s} {median * 1e3:8.2f} ms a pass, '
             f'{median * blocks * 1e3:8.1f} ms a step')

@@ -271,8 +271,8 @@ def test_attention_rate_times_each_shape_in_turns():
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
-  shapes = [l.split()[0] for l in lines if l.startswith('  ') and
-            l.rstrip().endswith('blocks:')]
+  headers = [l for l in lines if l.startswith('  ') and l.endswith(':')]
+  shapes = [l.split()[0] for l in headers]
   assert shapes == ['decoder', 'encoder', 'finetune'], proc.stdout
   times = re.findall(r'^    (mimjax|torch sdpa|torch bmm) +([\d.]+) ms a pass, '
                      r'+([\d.]+) ms a step$', proc.stdout, re.M)
@@ -280,3 +280,6 @@ def test_attention_rate_times_each_shape_in_turns():
                             if _importable('torch') else [])
   assert [t[0] for t in times] == libraries * 3, proc.stdout
   assert all(float(a) > 0 and float(b) > 0 for _, a, b in times), proc.stdout
+  if _importable('torch'):  # the same function in both frameworks
+    assert all(float(re.search(r'at most ([\d.e+-]+)\)', h).group(1)) < 1e-4
+               for h in headers), proc.stdout
