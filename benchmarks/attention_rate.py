@@ -4,7 +4,7 @@
 batched products (`torch bmm`), when torch is installed.
 
   python benchmarks/attention_rate.py [--shapes=decoder,encoder,finetune]
-      [--timed=10] [--settle=0.2]
+      [--timed=10] [--settle=0.2] [--quick]
 
 Shapes, at `make bench`'s batch 16 (batch, heads, tokens, head width):
 `decoder`, MAE's decoder (16, 16, 197, 32), 8 blocks; `encoder`, its
@@ -100,10 +100,7 @@ def main(argv=None):
   for name in args.shapes.split(','):
     if name not in SHAPES:
       parser.error(f'--shapes: {name!r} is none of {", ".join(SHAPES)}')
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except Exception:  # pylint: disable=broad-except
-    torch = None  # not installed, or a build that does not load
+  torch = bench_lib.import_torch()
   host = bench_lib.host_cpu()
   print(f'attention forward + backward on {host["model"]}, {host["cores"]} '
         f'cores, {jax.default_backend()}: the median of {args.timed} passes '

@@ -111,10 +111,7 @@ def main(argv=None):
   for name in dtypes:
     if name not in ('float32', 'bfloat16'):
       parser.error(f'--dtypes: {name!r} is neither float32 nor bfloat16')
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except Exception:  # pylint: disable=broad-except
-    torch = None  # not installed, or a build that does not load
+  torch = bench_lib.import_torch()
   host = bench_lib.host_cpu()
   print(f'matmul rates on {host["model"]}, {host["cores"]} cores '
         f'({", ".join(host["isa"]) or "no listed ISA"}): the median of '

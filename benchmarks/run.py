@@ -389,6 +389,16 @@ def bench_pipeline(data_config, mode: str, batch: int, quick: bool,
 # ------------------------------------------------------------ the PyTorch peer
 
 
+def import_torch():
+  """torch, or None where it is not installed or its build does not load
+  (matmul_rate.py, attention_rate.py)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return torch
+
+
 def import_peer():
   """(torch, transformers) or (None, why not). Imported before TensorFlow:
   a CUDA build of torch brings triton, which must load before TF does."""
