@@ -200,6 +200,21 @@ def test_matmul_rate_counts_each_products_flops(monkeypatch):
   assert matmul_rate.flop('decoder_mlp') == 2 * 16 * 197 * 512 * 2048
 
 
+def test_matmul_rate_passes_its_settling_pause_to_the_turns(monkeypatch):
+  monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
+  import matmul_rate  # pylint: disable=g-import-not-at-top
+  settles = []
+
+  def turns(steps, warmup, timed, settle_s=0.0):
+    settles.append(settle_s)
+    return {name: (1.0, [1.0], {}, []) for name in steps}, []
+
+  monkeypatch.setattr(matmul_rate, 'taking_turns', turns)
+  matmul_rate.main(['--shapes=scores', '--dtypes=float32', '--settle=0.7'])
+  matmul_rate.main(['--shapes=scores', '--dtypes=float32'])
+  assert settles == [0.7, 0.5]
+
+
 def test_matmul_rate_times_each_library_in_turns():
   """benchmarks/matmul_rate.py: one line per shape and dtype, a positive
   rate for each library (XLA's Eigen always; torch when installed; NumPy

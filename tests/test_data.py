@@ -237,17 +237,19 @@ def test_mixup_cutmix():
   np.testing.assert_allclose(soft, onehot * 0.9 + 0.1 / 4, rtol=1e-6)
 
 
-@pytest.mark.parametrize('alpha', [0.8, 1.0])
-def test_mixup_lambda_is_beta_distributed(alpha):
+@pytest.mark.parametrize('alpha,cutmix_alpha', [(0.8, 0.0), (1.0, 0.0),
+                                                (0.8, 1.0)])
+def test_mixup_lambda_is_beta_distributed(alpha, cutmix_alpha):
   """Mixup's weight is Beta(alpha, alpha), as timm draws it (mimjax draws
-  it from two gammas at once)."""
+  it from two gammas at once), also where cutmix could have been chosen
+  and its alpha must not be used (switch_prob 0: always mixup)."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
   images = jnp.zeros((2, 4, 4, 3))
   onehot = jnp.eye(2)
   lam = jax.vmap(lambda k: augment.mixup_cutmix(
-      k, images, onehot, mixup_alpha=alpha, cutmix_alpha=0.0,
-      label_smoothing=0.0)[1][0, 0])(jax.random.split(jax.random.key(0),
-                                                        4000))
+      k, images, onehot, mixup_alpha=alpha, cutmix_alpha=cutmix_alpha,
+      switch_prob=0.0, label_smoothing=0.0)[1][0, 0])(
+          jax.random.split(jax.random.key(0), 4000))
   assert stats.kstest(np.asarray(lam), 'beta', args=(alpha, alpha)).pvalue > 1e-3
 
 
