@@ -6,9 +6,13 @@ Why this module is long: saving, restoring and verifying are one contract
 
 from __future__ import annotations
 
+from concurrent import futures
 import hashlib
 import json
 import os
+import re
+import tempfile
+import time
 
 from absl import logging
 from etils import epath
@@ -105,6 +109,9 @@ FINGERPRINT = 'fingerprint.json'  # in a stage's checkpoints/ (main.py)
 # mimjax wrote checksums next to it.
 _ORBAX_NAMES = ('_CHECKPOINT_METADATA', '_METADATA', '_sharding', 'd',
                 'commit_success.txt', 'manifest.ocdbt', 'array_metadatas')
+# CHECKSUMS, or with several processes one part each: mimjax_checksums.<i>.json
+_PART = re.compile(r'mimjax_checksums(\.\d+)?\.json')
+_HASH_THREADS = min(4, os.cpu_count() or 1)
 
 
 def _files(directory: epath.Path, prefix: str = ''):
@@ -113,53 +120,130 @@ def _files(directory: epath.Path, prefix: str = ''):
     rel = prefix + p.name
     if p.is_dir():
       yield from _files(p, rel + '/')
-    elif not rel.startswith(CHECKSUMS):
+    elif not rel.startswith('mimjax_checksums.'):
       yield rel, p
 
 
 def _sha256(path: epath.Path) -> str:
   digest = hashlib.sha256()
   with path.open('rb') as f:
-    for chunk in iter(lambda: f.read(1 << 22), b''):
+    for chunk in iter(lambda: f.read(1 << 24), b''):
       digest.update(chunk)
   return digest.hexdigest()
 
 
-def write_checksums(directory) -> None:
-  """Seals a finished checkpoint directory: the SHA-256 of every file."""
+def _hash_files(directory: epath.Path, rels) -> list:
+  """The SHA-256 of each file (or the OSError reading it raised), a few
+  files at a time: hashlib releases the GIL."""
+  def one(rel):
+    try:
+      return _sha256(directory / rel)
+    except OSError as e:
+      return e
+  with futures.ThreadPoolExecutor(_HASH_THREADS) as pool:
+    return list(pool.map(one, rels))
+
+
+def share(sizes: dict[str, int], process_count: int,
+          process_index: int) -> list[str]:
+  """The files process `process_index` hashes, sorted: biggest first, each
+  file goes to the process with the fewest bytes (then files) so far, so
+  each hashes about 1/process_count of the bytes. Every process computes
+  the same split from the same sizes."""
+  loads = [(0, 0)] * process_count
+  mine = []
+  for rel in sorted(sizes, key=lambda r: (-sizes[r], r)):
+    p = loads.index(min(loads))
+    loads[p] = (loads[p][0] + sizes[rel], loads[p][1] + 1)
+    if p == process_index:
+      mine.append(rel)
+  return sorted(mine)
+
+
+def write_checksums(directory, process_index: int = 0,
+                    process_count: int = 1) -> None:
+  """Seals a finished checkpoint directory: the SHA-256 of every file in
+  CHECKSUMS, or with process_count > 1 of this process's `share` of them in
+  its own part, mimjax_checksums.<process_index>.json."""
   directory = resolve(directory)
-  files = {rel: _sha256(p) for rel, p in _files(directory)}
-  tmp = directory / (CHECKSUMS + '.tmp')
-  tmp.write_text(json.dumps({'sha256': files}, indent=0))
-  tmp.replace(directory / CHECKSUMS)
+  sizes = {rel: p.stat().length for rel, p in _files(directory)}
+  mine = share(sizes, process_count, process_index)
+  digests = _hash_files(directory, mine)
+  for failed in digests:
+    if isinstance(failed, OSError):
+      raise failed
+  manifest = {'sha256': dict(zip(mine, digests)),
+              'bytes': {rel: sizes[rel] for rel in mine}}
+  name = CHECKSUMS
+  if process_count > 1:
+    manifest.update(part=process_index, parts=process_count)
+    name = f'mimjax_checksums.{process_index}.json'
+  tmp = directory / (name + '.tmp')
+  tmp.write_text(json.dumps(manifest, indent=0))
+  tmp.replace(directory / name)
 
 
-def verify(directory) -> tuple[bool | None, str]:
+def _manifest(directory: epath.Path) -> tuple[dict, list[str], bool]:
+  """({file: (sha256, bytes)}, the checksum files, whether all parts are
+  there) of a directory; ValueError names a checksum file unreadable."""
+  names = sorted(p.name for p in directory.iterdir() if _PART.fullmatch(p.name))
+  files, parts, count = {}, set(), 1
+  for name in names:
+    try:
+      part = json.loads((directory / name).read_text())
+      sizes = part.get('bytes', {})  # none in an older mimjax's
+      files.update({rel: (digest, sizes.get(rel, 0))
+                    for rel, digest in part['sha256'].items()})
+      parts.add(part.get('part', 0))
+      count = max(count, part.get('parts', 1))
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+      raise ValueError(f'{name} is unreadable') from None
+  return files, names, parts == set(range(count))
+
+
+def verify(directory, process_index: int = 0,
+           process_count: int = 1) -> tuple[bool | None, str]:
   """(True, '') when every file matches the checksums written with it;
   (False, why) when one is missing, unreadable or changed; (None, why) for
   a directory never sealed (written before its checksums, or by an older
-  mimjax)."""
+  mimjax). With process_count > 1 only this process's `share` of the files
+  is read."""
   directory = resolve(directory)
   if not directory.is_dir():
     return False, 'its directory is missing'
-  manifest = directory / CHECKSUMS
-  if not manifest.exists():
-    return None, 'no checksums were written with it'
   try:
-    files = json.loads(manifest.read_text())['sha256']
-  except (ValueError, KeyError, TypeError, OSError):
-    return False, f'{CHECKSUMS} is unreadable'
-  for rel, expected in files.items():
-    path = directory / rel
-    if not path.exists():
+    files, names, complete = _manifest(directory)
+  except ValueError as e:
+    return False, str(e)
+  if not names:
+    return None, 'no checksums were written with it'
+  if not complete:
+    return None, 'not all processes wrote their checksums'
+  mine = share({rel: size for rel, (_, size) in files.items()},
+               process_count, process_index)
+  for rel, actual in zip(mine, _hash_files(directory, mine)):
+    if isinstance(actual, FileNotFoundError):
       return False, f'{rel} is missing'
-    try:
-      actual = _sha256(path)
-    except OSError as e:
-      return False, f'{rel} is unreadable ({e.strerror or e})'
-    if actual != expected:
+    if isinstance(actual, OSError):
+      return False, f'{rel} is unreadable ({actual.strerror or actual})'
+    if actual != files[rel][0]:
       return False, f'{rel} does not match its checksum'
   return True, ''
+
+
+def _agree(intact: bool | None, why: str) -> tuple[bool | None, str]:
+  """The worst of all processes' verdicts (damaged, never sealed, intact)
+  with its reason, the same on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  text = why.encode()[:254]
+  mine = np.zeros(256, np.int32)
+  mine[:2] = [{True: 0, None: 1, False: 2}[intact], len(text)]
+  mine[2:2 + len(text)] = np.frombuffer(text, np.uint8)
+  verdicts = np.asarray(multihost_utils.process_allgather(mine))
+  worst = verdicts[verdicts[:, 0].argmax()]
+  return ((True, None, False)[worst[0]],
+          bytes(worst[2:2 + worst[1]].astype(np.uint8)).decode(
+              errors='replace'))
 
 
 def foreign_entries(directory) -> list[str]:
@@ -167,13 +251,13 @@ def foreign_entries(directory) -> list[str]:
   write (all of them, when it is not a mimjax checkpoint)."""
   directory = resolve(directory)
   names = sorted(p.name for p in directory.iterdir())
+  try:
+    files, manifests, _ = _manifest(directory)
+  except ValueError:  # nothing is known to be ours
+    return names
   ours: set[str] = set()
-  if (directory / CHECKSUMS).exists():
-    try:
-      files = json.loads((directory / CHECKSUMS).read_text())['sha256']
-      ours = {rel.split('/')[0] for rel in files} | {CHECKSUMS}
-    except (ValueError, KeyError, TypeError, OSError):
-      pass
+  if manifests:
+    ours = {rel.split('/')[0] for rel in files} | set(manifests)
   elif '_CHECKPOINT_METADATA' in names:  # written before checksums existed
     ours = {n for n in names
             if n in _ORBAX_NAMES or n.startswith('ocdbt.process_')}
@@ -252,58 +336,83 @@ class Checkpoints:
   step, RNG) and 'meta' (JSON: the data position and anything else). Orbax
   writes to a temporary directory and renames it when complete, so a crash
   mid-save never replaces the last good checkpoint. Once a save has
-  finished (at the next save, `wait` or `close`), process 0 seals it with
-  the SHA-256 of every file (`write_checksums`); `restore_latest` verifies
-  them, moves a damaged step aside to `<directory>_damaged/` and falls back
-  to the newest step that verifies.
+  finished, a background thread seals it: each process writes the SHA-256
+  of its `share` of the files (`write_checksums`), so `save` never hashes
+  and no process hashes everything. `restore_latest` verifies them the same
+  way, moves a damaged step aside to `<directory>_damaged/` and falls back
+  to the newest step that verifies. `wait` and `close` wait for the seals.
   """
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
                keep_best: bool = False):
     directory = resolve(directory)
     self.directory = directory
+    self._keep = keep
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True,
             enable_async_checkpointing=async_save))
-    self._unsealed: list[epath.Path] = []
     self.best = None
     if keep_best:
       self.best = ocp.CheckpointManager(
           directory / 'best', options=ocp.CheckpointManagerOptions(
               max_to_keep=1, create=True, best_fn=lambda m: m['score'],
               best_mode='max', enable_async_checkpointing=False))
+    self._sealer = futures.ThreadPoolExecutor(1, 'mimjax_seal')
+    self._seals: list[tuple[epath.Path, futures.Future]] = []
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict, force: bool = False):
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=force)
-    # Orbax waited for the previous save before starting this one.
-    self._seal(keep_last=bool(saved) and self.manager.is_saving_in_progress())
-    if saved:
-      self._unsealed.append(self.directory / str(step))
+    self._settle(self.manager, self._keep)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              meta=ocp.args.JsonSave(meta))
+    if self.manager.save(step, args=args, force=force):
+      self._seal_later(self.manager, step)
 
   def save_best(self, step: int, state, score: float):
     if self.best is not None:
+      self._settle(self.best, 1)
       if self.best.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state)), metrics={'score': score}):
-        self._unsealed.append(self.best.directory / str(step))
-        self._seal(keep_last=self.manager.is_saving_in_progress())
+        self._seal_later(self.best, step)
 
-  def _seal(self, keep_last: bool = False):
-    """Writes the checksums of every finished save (process 0)."""
-    pending = [p for p in self._unsealed if p.parent == self.directory]
-    last = pending[-1] if keep_last and pending else None
-    still = []
-    for path in self._unsealed:
-      if path == last:
-        still.append(path)
-      elif jax.process_index() == 0 and path.is_dir():  # kept by orbax
-        write_checksums(path)
-    self._unsealed = still
+  def _seal_later(self, manager: ocp.CheckpointManager, step: int):
+    path = manager.directory / str(step)
+    self._seals.append((path, self._sealer.submit(self._seal, manager, path)))
+
+  @staticmethod
+  def _seal(manager: ocp.CheckpointManager, path: epath.Path):
+    """On the sealing thread: once orbax has written `path`, this process's
+    checksums of it."""
+    manager.wait_until_finished()
+    try:
+      write_checksums(path, jax.process_index(), jax.process_count())
+    except OSError:
+      if path.exists():
+        raise
+      logging.info('checkpoint %s was deleted before it was sealed', path)
+
+  def _settle(self, manager: ocp.CheckpointManager | None = None,
+              keep: int = 0):
+    """Raises what a finished seal raised; waits for the seals that may
+    still be writing into a step `manager`'s next save deletes (all but its
+    newest `keep` - 1), or without `manager`, for every seal."""
+    spared = set()
+    if manager is not None:
+      steps = sorted(manager.all_steps())
+      spared = {manager.directory / str(s)
+                for s in steps[len(steps) - keep + 1:]}
+    pending = []
+    for path, seal in self._seals:
+      due = manager is None or (path.parent == manager.directory and
+                                path not in spared)
+      if due or seal.done():
+        seal.result()
+      else:
+        pending.append((path, seal))
+    self._seals = pending
 
   def restore_latest(self, target):
     """(step, state, meta) of the newest checkpoint that verifies, onto the
@@ -312,7 +421,7 @@ class Checkpoints:
     verifies is it an error."""
     damaged = []
     for step in sorted(self.manager.all_steps(), reverse=True):
-      intact, why = verify(self.directory / str(step))
+      intact, why = self._verify(step)
       if intact is not False:
         try:
           state, meta = self.restore(step, target)
@@ -333,6 +442,13 @@ class Checkpoints:
           f'{", ".join(damaged)} moved to {self.aside}; run again to start '
           'this stage from scratch')
     return None, None, None
+
+  def _verify(self, step: int) -> tuple[bool | None, str]:
+    """`verify` of a step, each process reading its share of the files;
+    every process gets the same verdict."""
+    count = jax.process_count()
+    verdict = verify(self.directory / str(step), jax.process_index(), count)
+    return _agree(*verdict) if count > 1 else verdict
 
   @property
   def aside(self) -> epath.Path:
@@ -379,10 +495,11 @@ class Checkpoints:
     self.manager.wait_until_finished()
     if self.best is not None:
       self.best.wait_until_finished()
-    self._seal()
+    self._settle()
 
   def close(self):
     self.wait()
+    self._sealer.shutdown()
     self.manager.close()
     if self.best is not None:
       self.best.close()
@@ -415,3 +532,34 @@ def load_state_params(directory: str, step: int | None = None):
         restore_args=jax.tree.map(
             lambda _: ocp.ArrayRestoreArgs(sharding=device), target)))
   return jax.tree.map(np.asarray, restored['params'])
+
+
+def measure_hash_rate(path: str = tempfile.gettempdir(),
+                      gib: float = 1.0) -> str:
+  """One line: the SHA-256 rate of `_sha256` over a file of `gib` GiB
+  written under `path`. Nothing is dropped from the page cache, so the file
+  is likely read from memory: this is the CPU's rate, a bound on what the
+  disk or gs:// can add."""
+  with tempfile.TemporaryDirectory(dir=path) as tmp:
+    data = epath.Path(tmp) / 'data'
+    block = os.urandom(1 << 26)
+    with data.open('wb') as f:
+      for _ in range(round(gib * 16)):
+        f.write(block)
+    start = time.perf_counter()
+    _sha256(data)
+    seconds = time.perf_counter() - start
+  return (f'sha256: {gib / seconds:.2f} GiB/s ({seconds / gib:.2f} s per '
+          f'GiB) over {gib:g} GiB on {path}')
+
+
+if __name__ == '__main__':
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog='python -m mimjax.checkpoint',
+      description='Prints the SHA-256 rate checkpoint sealing runs at.')
+  parser.add_argument('--measure', action='store_true', required=True)
+  parser.add_argument('--gib', type=float, default=1.0)
+  parser.add_argument('--path', default=tempfile.gettempdir())
+  flags = parser.parse_args()
+  print(measure_hash_rate(flags.path, flags.gib))
