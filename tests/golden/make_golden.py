@@ -1,6 +1,10 @@
 """Regenerates the golden files from HF transformers and timm (needs torch).
 
-    python tests/golden/make_golden.py
+    python tests/golden/make_golden.py        # all (timm too)
+    python tests/golden/make_golden.py step   # step_*.npz only
+
+step_{pretrain,finetune}.npz: the official recipes' runs of
+tests/test_step_parity.py (torch and transformers).
 """
 
 import os
@@ -10,12 +14,28 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+import test_step_parity  # pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BATCH = {'tiny': 4, 'base16': 1}
 
 
-def main():
+def step_parity():
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  versions = (f'torch {torch.__version__}, transformers '
+              f'{transformers.__version__}')
+  for stage in ('pretrain', 'finetune'):
+    np.savez_compressed(os.path.join(HERE, f'step_{stage}.npz'),
+                        versions=np.array(versions),
+                        **test_step_parity.golden(stage))
+    print('wrote step', stage)
+
+
+def main(argv):
+  step_parity()
+  if argv[1:] == ['step']:
+    return
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
@@ -41,4 +61,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  main(sys.argv)
