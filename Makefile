@@ -46,8 +46,11 @@ test: $(VENV)/.installed
 # time, memory, FLOPs/MFU, the input pipeline, and a PyTorch (HF) peer when
 # torch and transformers are installed (`make parity` installs them).
 # BENCH_ARGS: e.g. --batch=64 --out=bench.json, or --quick for a smoke run.
+# MIMJAX_HUGE_PAGES=1: the CPU step's host buffers in huge pages
+# (mimjax/host_memory.py), as docs/performance.md measured; 0: without.
+MIMJAX_HUGE_PAGES ?= 1
 bench: $(VENV)/.installed
-	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+	MIMJAX_HUGE_PAGES=$(MIMJAX_HUGE_PAGES) $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # Reference implementations (CPU torch from the local wheel, transformers,
 # timm) for the live parity tests and for regenerating golden files.
@@ -56,7 +59,8 @@ $(VENV)/.parity: $(VENV)/.installed
 	touch $@
 
 parity: $(VENV)/.parity
-	$(BIN)/python -m pytest -q tests/test_parity.py tests/test_torch_io.py
+	$(BIN)/python -m pytest -q tests/test_parity.py tests/test_step_parity.py \
+	  tests/test_torch_io.py
 
 golden: $(VENV)/.parity
 	$(BIN)/python tests/golden/make_golden.py

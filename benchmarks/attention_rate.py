@@ -125,5 +125,6 @@ def main(argv=None):
 
 if __name__ == '__main__':
   from mimjax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reexec_with_tunables()  # as `make bench` runs the step
+  os.environ.setdefault('MIMJAX_HUGE_PAGES', '1')  # as `make bench` sets it
+  host_memory.reexec_with_tunables()
   main()

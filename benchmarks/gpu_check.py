@@ -194,12 +194,15 @@ def run_mimjax(args) -> dict:
   dtype = jnp.dtype(args.dtype)
   shape = vit.preset(args.size)
   pixels = args.patch * args.patch * 3
+  attention, why = vit.resolve_attention('auto', dtype, device.platform)
+  print(f'mimjax: attention: {attention} ({why})', flush=True)
   encoder = Encoder(patch_size=args.patch, **shape, dtype=dtype,
-                    remat=args.remat, remat_policy=args.remat_policy)
+                    remat=args.remat, remat_policy=args.remat_policy,
+                    attention=attention)
   decoder = Decoder(out_dim=pixels, width=args.dec_width,
                     depth=args.dec_depth, num_heads=args.dec_heads,
                     dtype=dtype, remat=args.remat,
-                    remat_policy=args.remat_policy)
+                    remat_policy=args.remat_policy, attention=attention)
   model = mim.MIM(encoder, decoder, masking.random(args.mask_ratio),
                   objectives.mae(norm_pix=True))
   mesh = sharding.make_mesh((1, 1, 1), devices=[device],

@@ -93,5 +93,6 @@ def _profile_compile(args, trace_dir: str) -> None:
 
 if __name__ == '__main__':
   from mimjax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reexec_with_tunables()  # as `make bench` runs the step
+  os.environ.setdefault('MIMJAX_HUGE_PAGES', '1')  # as `make bench` sets it
+  host_memory.reexec_with_tunables()
   main()

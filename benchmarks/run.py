@@ -251,7 +251,7 @@ def recipe_step(kind: str, batch: int, quick: bool,
   state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
                                       config.seed, mesh, rules)
   train_step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings,
-                                         mesh, rules)
+                                         mesh, rules, recipe.accumulate)
   images = _random_batch(mesh, batch, recipe.image_size)
   jax.block_until_ready((state, images))  # not computed during the compile
   with sharding.active(mesh, rules):
@@ -292,7 +292,7 @@ def build_mimjax(bench: Bench, args, dtype: str):
     abstract_state, shardings = state_lib.abstract(
         recipe.init_variables, recipe.tx, config.seed, mesh, rules)
     run = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings,
-                                    mesh, rules)
+                                    mesh, rules, recipe.accumulate)
     size = recipe.image_size
     batch_sharding = sharding.batch_sharding(mesh)
     abstract_batch = {

@@ -6,6 +6,8 @@ The registries stay next to what they name: masks in `masking`, views in
 
 from __future__ import annotations
 
+from absl import logging
+import jax
 import jax.numpy as jnp
 
 from mimjax import masking, mim, objectives, sharding, views
@@ -13,9 +15,14 @@ from mimjax.models import Classifier, Decoder, Encoder, ProbedEncoder, vit
 
 
 def setup(config):
-  """The mesh and logical-axis rules a config asks for."""
-  return sharding.config_mesh(config), sharding.rules_from(
-      config.sharding_rules)
+  """The mesh and logical-axis rules a config asks for; logs the attention
+  the stage's models run (`attention`)."""
+  mesh = sharding.config_mesh(config)
+  platform = mesh.devices.flat[0].platform
+  choice, why = vit.resolve_attention(attention_choice(config.model),
+                                      config.model.dtype, platform)
+  logging.info('attention: %s (%s)', choice, why)
+  return mesh, sharding.rules_from(config.sharding_rules)
 
 
 def remat_policy(model_cfg) -> str:
@@ -24,11 +31,24 @@ def remat_policy(model_cfg) -> str:
   return model_cfg.get('remat_policy', 'nothing_saveable')
 
 
+def attention_choice(model_cfg) -> str:
+  """model.attention; a config saved before the key existed means 'auto'."""
+  return model_cfg.get('attention', 'auto')
+
+
+def attention(model_cfg) -> str:
+  """The attention the models run, 'xla' or 'cudnn': model.attention
+  resolved for this process's devices (vit.resolve_attention)."""
+  return vit.resolve_attention(attention_choice(model_cfg), model_cfg.dtype,
+                               jax.devices()[0].platform)[0]
+
+
 def encoder(model_cfg, **overrides) -> Encoder:
   return Encoder(patch_size=model_cfg.patch_size, **vit.preset(model_cfg.size),
                  norm_eps=model_cfg.norm_eps, scan=model_cfg.scan,
                  remat=model_cfg.remat, remat_policy=remat_policy(model_cfg),
-                 dtype=jnp.dtype(model_cfg.dtype), **overrides)
+                 dtype=jnp.dtype(model_cfg.dtype),
+                 attention=attention(model_cfg), **overrides)
 
 
 def grid(config, image_size: int) -> tuple[int, int]:
@@ -44,7 +64,8 @@ def mim_model(config) -> mim.MIM:
                     norm_eps=config.model.norm_eps, scan=config.model.scan,
                     remat=config.model.remat,
                     remat_policy=remat_policy(config.model),
-                    dtype=jnp.dtype(config.model.dtype))
+                    dtype=jnp.dtype(config.model.dtype),
+                    attention=attention(config.model))
   view_fn = views.get(c.views, **c.view_kwargs.to_dict())
   # Masks for every crop; without crops, two-view masks give two.
   num_views = views.layout(view_fn)[0] if view_fn else 2

@@ -5,23 +5,24 @@ XLA:CPU allocates a step's large buffers (the ViT-B/16 MAE step at batch
 glibc's defaults each such buffer is a fresh mapping, and the kernel faults
 in and zeroes every page the step first writes: about 626,000 faults and
 over 1 s of system time per step with 4 KiB pages (docs/performance.md).
-Two sets of tunables help:
+Two sets of tunables help, each on request and only where the CPU runs the
+steps (with a GPU or TPU the host holds no step buffers):
 
-  * huge pages, `glibc.malloc.hugetlb=1`: malloc asks the kernel for 2 MiB
-    pages, some 300 times fewer faults (kernels in THP 'madvise' mode);
-  * reuse, on request (MIMJAX_REUSE_HOST_MEMORY=1): one malloc arena
+  * huge pages (MIMJAX_HUGE_PAGES=1, as `make bench` sets it),
+    `glibc.malloc.hugetlb=1`: malloc asks the kernel for 2 MiB pages, some
+    300 times fewer faults (kernels in THP 'madvise' mode);
+  * reuse (MIMJAX_REUSE_HOST_MEMORY=1): one malloc arena
     (`glibc.malloc.arena_max=1`), no mmap (`mmap_max=0`) and a trim
     threshold no heap reaches, so large blocks come from the one heap and
     what a step frees stays mapped for the next: a steady step faults no
     pages at all. The process keeps its peak memory, and all threads share
     the arena, which made XLA's compilation slower (docs/performance.md):
-    a trade for long CPU runs. Only where the CPU runs the steps: with a
-    GPU or TPU, the host holds no step buffers.
+    a trade for long CPU runs.
 
 glibc reads its tunables only when a process starts, so the command-line
-entry points call `reexec_with_tunables()` first: where a tunable would
-help and is not set, the process starts again, once, with it set.
-MIMJAX_HUGE_PAGES=0 turns huge pages off.
+entry points call `reexec_with_tunables()` first: where a tunable is asked
+for and not set, the process starts again, once, with it set (a restart
+that detaches a debugger or profiler, hence only on request).
 """
 
 from __future__ import annotations
@@ -68,19 +69,20 @@ def _cpu_runs_steps(environ) -> bool:
 
 def missing(environ, glibc: tuple[int, int] | None, thp: str | None,
             on_cpu: bool) -> list[str]:
-  """The tunables to restart with: huge pages with glibc >= 2.35 (which
-  has the tunable) on a kernel that gives them on request ('madvise';
-  'always' gives them unasked); reuse with glibc where the CPU runs the
-  steps and MIMJAX_REUSE_HOST_MEMORY=1 asks for it; neither where
-  GLIBC_TUNABLES already sets it or it is turned off.
+  """The tunables to restart with, only with glibc and where the CPU runs
+  the steps: huge pages where MIMJAX_HUGE_PAGES=1 asks for them, with
+  glibc >= 2.35 (which has the tunable) on a kernel that gives them on
+  request ('madvise'; 'always' gives them unasked); reuse where
+  MIMJAX_REUSE_HOST_MEMORY=1 asks for it; neither where GLIBC_TUNABLES
+  already sets it.
   """
-  if glibc is None:  # not glibc
+  if glibc is None or not on_cpu:
     return []
   wanted = []
-  if (environ.get('MIMJAX_HUGE_PAGES', '1') != '0' and glibc >= (2, 35)
+  if (environ.get('MIMJAX_HUGE_PAGES') == '1' and glibc >= (2, 35)
       and thp == 'madvise'):
     wanted += HUGE_PAGES
-  if environ.get('MIMJAX_REUSE_HOST_MEMORY') == '1' and on_cpu:
+  if environ.get('MIMJAX_REUSE_HOST_MEMORY') == '1':
     wanted += REUSE
   have = {t.split('=')[0] for t in environ.get('GLIBC_TUNABLES', '').split(':')}
   return [t for t in wanted if t.split('=')[0] not in have]

@@ -5,6 +5,7 @@ a softmax whose backward keeps only its output, GELU through erf, and
 drop path drawn once for the whole stack."""
 
 import contextlib
+import functools
 import io
 
 import flax.linen as nn
@@ -76,15 +77,17 @@ def test_odd_lengths_padded_for_cudnn_are_masked_out():
 
 
 def test_gpu_layout_computes_the_cpu_layout(monkeypatch):
-  """Attention's token-major GPU layout (cuDNN's) gives the heads-major
-  result with the same parameters (fp32 takes XLA's attention there)."""
+  """attention='cudnn' (token-major, an odd length padded) gives the
+  heads-major result with the same parameters; its kernel is swapped for
+  XLA's, which runs the same padding here."""
   x = jax.random.normal(jax.random.key(2), (2, 9, 16))
   attention = vit.Attention(num_heads=4)
   params = attention.init(jax.random.key(3), x)
   want = attention.apply(params, x)
-  monkeypatch.setattr(vit.jax, 'default_backend', lambda: 'gpu')
-  np.testing.assert_allclose(attention.apply(params, x), want, rtol=1e-5,
-                             atol=1e-5)
+  monkeypatch.setattr(vit, 'cudnn_attention', functools.partial(
+      vit.cudnn_attention, implementation='xla'))
+  np.testing.assert_allclose(attention.clone(attention='cudnn').apply(
+      params, x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_is_stable_for_large_scores():

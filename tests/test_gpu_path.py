@@ -1,5 +1,7 @@
-"""The GPU path's knobs on CPU: remat policy, profiler trace, bf16 compute."""
+"""The GPU path's knobs on CPU: remat policy, profiler trace, bf16 compute,
+the attention kernel."""
 
+import logging
 import re
 
 import jax
@@ -9,6 +11,7 @@ import pytest
 
 from mimjax import build
 from mimjax import config as config_lib
+from mimjax.models import vit
 from mimjax.training import pipeline
 from tiny_config import tiny_config
 
@@ -98,3 +101,77 @@ def test_bf16_compute_matches_fp32():
   assert cosine > 0.99, cosine
   for leaf in jax.tree.leaves(grads16):
     assert leaf.dtype == jnp.float32
+
+
+def _refusal(config, **kwargs) -> str:
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(config, 1, **kwargs)
+  message = str(e.value)
+  assert '\n' not in message
+  return message
+
+
+def test_unknown_attention_is_refused_in_one_line():
+  c = tiny_config(None, mesh=(1, 1, 1))
+  c.model.attention = 'flash'
+  assert _refusal(c) == ("unknown model.attention 'flash'; known: auto, xla, "
+                         'cudnn')
+
+
+def test_cudnn_attention_is_refused_off_gpu_and_in_float32():
+  c = tiny_config(None, mesh=(1, 1, 1))
+  c.model.attention, c.model.dtype = 'cudnn', 'bfloat16'
+  assert _refusal(c).startswith('model.attention=cudnn needs GPUs, but the '
+                                'devices here are cpu')
+  c.model.dtype = 'float32'
+  assert _refusal(c, platform='gpu').startswith(
+      'model.attention=cudnn needs model.dtype bfloat16 or float16')
+  c.model.dtype = 'bfloat16'
+  config_lib.validate(c, 1, platform='gpu')
+
+
+def test_auto_attention_is_xla_on_cpu_and_says_why():
+  assert build.attention(tiny_config(None).model) == 'xla'
+  assert vit.resolve_attention('auto', 'float32', 'cpu') == (
+      'xla', 'model.attention=auto on cpu, float32: cuDNN attention needs '
+      'GPUs')
+  assert vit.resolve_attention('auto', 'float32', 'gpu')[1].endswith(
+      'cuDNN attention takes bfloat16 or float16')
+  # A GPU in name only: the probe call fails to compile here, and says why.
+  assert vit.resolve_attention('auto', 'bfloat16', 'gpu') == (
+      'xla', 'model.attention=auto on gpu, bfloat16: cuDNN refused a probe '
+      'call: cuDNN is not detected')
+
+
+def test_auto_and_xla_attention_compute_the_same_loss():
+  images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
+  rng = jax.random.key(1)
+  losses = []
+  for attention in ('auto', 'xla'):
+    c = tiny_config(None)
+    c.model.attention = attention
+    model = build.mim_model(c)
+    assert model.encoder.attention == model.decoder.attention == 'xla'
+    params = model.init({'params': rng, 'mask': rng}, images)
+    losses.append(model.apply(params, images, rngs={'mask': rng})[0])
+  np.testing.assert_array_equal(*losses)
+
+
+def test_cudnn_refused_by_jax_is_one_clear_line():
+  """No silent fallback: where jax refuses cuDNN's kernel, the model says
+  why, naming the knob."""
+  x = jnp.ones((2, 9, 16), jnp.bfloat16)
+  attention = vit.Attention(4, jnp.bfloat16, attention='cudnn')
+  with pytest.raises(ValueError) as e:
+    attention.init(jax.random.key(0), x)
+  assert str(e.value) == (
+      'model.attention=cudnn: jax refuses cuDNN attention for bfloat16 q, k, '
+      'v of shape (2, 9, 4, 4): cuDNN is not detected; model.attention=xla '
+      "runs XLA's attention")
+
+
+def test_each_stage_logs_its_attention(caplog):
+  caplog.set_level(logging.INFO, logger='absl')
+  build.setup(tiny_config(None, mesh=(1, 1, 1)))
+  assert ('attention: xla (model.attention=auto on cpu, float32: cuDNN '
+          'attention needs GPUs)') in caplog.messages, caplog.messages

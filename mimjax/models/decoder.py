@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mimjax import errors
 from mimjax.models import vit
 
 
@@ -27,6 +28,7 @@ class Decoder(nn.Module):
   remat: bool = False
   dtype: Any = jnp.float32
   remat_policy: str = 'nothing_saveable'  # with remat (vit.REMAT_POLICIES)
+  attention: str = 'xla'  # 'xla' or 'cudnn' (vit.resolve_attention)
 
   @nn.compact
   def __call__(self, tokens, ids_restore, grid: tuple[int, int], *,
@@ -34,7 +36,7 @@ class Decoder(nn.Module):
     b, num_tokens, _ = tokens.shape
     num_patches = ids_restore.shape[1]
     if grid[0] * grid[1] != num_patches:
-      raise ValueError(f'grid {grid} does not have {num_patches} patches')
+      raise errors.Invalid(f'grid {grid} does not have {num_patches} patches')
     x = nn.Dense(self.width, dtype=self.dtype, name='embed',
                  kernel_init=vit.logical(vit.xavier, (None, 'embed')),
                  bias_init=vit.logical(nn.initializers.zeros,
@@ -53,7 +55,8 @@ class Decoder(nn.Module):
     x, _ = vit.Transformer(
         self.depth, self.num_heads, self.mlp_ratio, self.norm_eps,
         scan=self.scan, remat=self.remat, dtype=self.dtype,
-        remat_policy=self.remat_policy, name='transformer',
+        remat_policy=self.remat_policy, attention=self.attention,
+        name='transformer',
     )(x, train=train)
     x = vit.layer_norm('norm', self.norm_eps, self.dtype)(x)
     x = nn.Dense(self.out_dim, dtype=self.dtype, name='pred',

@@ -8,12 +8,15 @@ one place.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mimjax import errors
 
 Dtype = Any
 
@@ -33,7 +36,7 @@ PRESETS = {
 def preset(name: str) -> dict[str, int]:
   """Width, depth and heads of a named ViT size ('B', 'L', 'H', ...)."""
   if name not in PRESETS:
-    raise ValueError(f'unknown ViT size {name!r}; known: {sorted(PRESETS)}')
+    raise errors.Invalid(f'unknown ViT size {name!r}; known: {sorted(PRESETS)}')
   width, depth, heads = PRESETS[name]
   return dict(width=width, depth=depth, num_heads=heads)
 
@@ -86,7 +89,7 @@ def unpatchify(patches: jax.Array, patch_size: int, grid: tuple[int, int],
 
 def check_patch_size(height: int, width: int, patch_size: int):
   if height % patch_size or width % patch_size:
-    raise ValueError(
+    raise errors.Invalid(
         f'image size {height}x{width} is not divisible by patch size '
         f'{patch_size}')
 
@@ -106,8 +109,8 @@ def posemb_sincos_2d(grid: tuple[int, int], width: int,
   (w) coordinate, the second half the row (h) coordinate.
   """
   if width % 4:
-    raise ValueError(f'sin-cos position embedding needs width % 4 == 0, '
-                     f'got {width}')
+    raise errors.Invalid(f'sin-cos position embedding needs width % 4 == 0, '
+                         f'got {width}')
   gh, gw = grid
   rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing='ij')
   emb = np.concatenate([posemb_sincos_1d(width // 2, cols),
@@ -237,22 +240,6 @@ def attend(q, k, v):
   return jnp.einsum('bhqk,bhkd->bhqd', weights, v)
 
 
-def gpu_attention(q, k, v):
-  """Attention over (B, N, heads, head_dim) inputs: cuDNN's fused kernel for
-  bf16/fp16 where this cuDNN and GPU take the shapes, XLA's otherwise.
-
-  jax.nn.dot_product_attention does not choose cuDNN by itself (its default
-  is XLA's), so it is asked for; jax checks the cuDNN version, the GPU and
-  the shapes while tracing and raises where they do not fit.
-  """
-  if q.dtype in (jnp.bfloat16, jnp.float16):
-    try:
-      return cudnn_attention(q, k, v)
-    except (NotImplementedError, RuntimeError, ValueError):
-      pass
-  return jax.nn.dot_product_attention(q, k, v, implementation='xla')
-
-
 def cudnn_attention(q, k, v, implementation='cudnn'):
   """cuDNN's flash attention. jax refuses it for training at an odd length
   (the MAE decoder's 1 + 196 tokens), so such inputs get one more token,
@@ -270,32 +257,122 @@ def cudnn_attention(q, k, v, implementation='cudnn'):
   return out[:, :n]
 
 
+def _one_line(error: Exception) -> str:
+  return ' '.join(str(error).split()).rstrip('.') or type(error).__name__
+
+
+def fused_attention(q, k, v):
+  """`cudnn_attention`, or one line saying why jax refuses it here: jax
+  checks the cuDNN version, the GPU, the dtype and the shapes while
+  tracing."""
+  try:
+    return cudnn_attention(q, k, v)
+  except (NotImplementedError, RuntimeError, ValueError) as e:
+    raise errors.Invalid(
+        f'model.attention=cudnn: jax refuses cuDNN attention for '
+        f'{q.dtype} q, k, v of shape {q.shape}: {_one_line(e)}; '
+        "model.attention=xla runs XLA's attention") from e
+
+
+# model.attention: 'auto' resolves to one of the others (resolve_attention).
+ATTENTION = ('auto', 'xla', 'cudnn')
+CUDNN_DTYPES = ('bfloat16', 'float16')
+
+
+def check_attention(choice: str, dtype, platform: str):
+  """One line refusing a model.attention that cannot run on `platform`'s
+  devices (device.platform: 'cpu', 'gpu', 'tpu') at compute dtype
+  `dtype`."""
+  if choice not in ATTENTION:
+    raise errors.Invalid(f'unknown model.attention {choice!r}; known: '
+                         f'{", ".join(ATTENTION)}')
+  if choice != 'cudnn':
+    return
+  if platform != 'gpu':
+    raise errors.Invalid(f'model.attention=cudnn needs GPUs, but the devices '
+                         f"here are {platform}; use 'auto' or 'xla'")
+  if jnp.dtype(dtype).name not in CUDNN_DTYPES:
+    raise errors.Invalid(f'model.attention=cudnn needs model.dtype bfloat16 '
+                         f'or float16 (cuDNN attention takes no '
+                         f"{jnp.dtype(dtype)}); use 'auto' or 'xla'")
+
+
+@functools.lru_cache
+def cudnn_refusal(dtype, platform: str) -> str | None:
+  """Why cuDNN attention cannot run on `platform` at `dtype`, None where it
+  can: a tiny call, forward and backward at an odd length (padded), is
+  compiled once per process."""
+  if platform != 'gpu':
+    return 'cuDNN attention needs GPUs'
+  if jnp.dtype(dtype).name not in CUDNN_DTYPES:
+    return 'cuDNN attention takes bfloat16 or float16'
+  probe = jax.ShapeDtypeStruct((1, 3, 1, 64), dtype)
+  loss = lambda *x: cudnn_attention(*x).astype(jnp.float32).sum()
+  try:
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(probe, probe,
+                                                      probe).compile()
+  except (NotImplementedError, RuntimeError, ValueError) as e:
+    return f'cuDNN refused a probe call: {_one_line(e)}'
+  return None
+
+
+def resolve_attention(choice: str, dtype, platform: str) -> tuple[str, str]:
+  """model.attention as `Attention` runs it, 'xla' or 'cudnn', and why, on
+  `platform`'s devices at compute dtype `dtype`: 'auto' is cuDNN's where
+  the devices are GPUs, the dtype bfloat16 or float16 and cuDNN takes a
+  probe call (`cudnn_refusal`), XLA's otherwise. Call it outside tracing,
+  once per stage (build.setup logs it)."""
+  check_attention(choice, dtype, platform)
+  why = f'model.attention={choice} on {platform}, {jnp.dtype(dtype)}'
+  if choice != 'auto':
+    return choice, why
+  refusal = cudnn_refusal(jnp.dtype(dtype), platform)
+  return ('xla', f'{why}: {refusal}') if refusal else ('cudnn', why)
+
+
+def gpu_attention(q, k, v):
+  """Attention over tokens-major (B, N, heads, head_dim) inputs as
+  model.attention='auto' runs it on this backend: cuDNN's fused kernel
+  where it resolves to 'cudnn', XLA's otherwise."""
+  choice, _ = resolve_attention('auto', q.dtype, jax.default_backend())
+  if choice == 'cudnn':
+    return fused_attention(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, implementation='xla')
+
+
 class Attention(nn.Module):
   """Multi-head self-attention; q, k and v keep separate parameters but
-  run as one matmul. On GPU the heads follow the tokens, as cuDNN's
-  attention takes them; elsewhere they come first (`attend`)."""
+  run as one matmul. `attention` (resolve_attention): 'xla' puts the heads
+  first (`attend`); 'cudnn' runs cuDNN's fused kernel, with the heads after
+  the tokens as it takes them."""
   num_heads: int
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
     if width % self.num_heads:
-      raise ValueError(f'width {width} not divisible by {self.num_heads} heads')
+      raise errors.Invalid(f'width {width} not divisible by {self.num_heads} '
+                           f'heads')
+    if self.attention not in ('xla', 'cudnn'):
+      raise errors.Invalid(f"Attention runs 'xla' or 'cudnn', got "
+                           f'{self.attention!r} (vit.resolve_attention '
+                           f"resolves 'auto')")
     dims = (self.num_heads, width // self.num_heads)
     weights = [HeadsWeights(width, *dims, name=n)()
                for n in ('query', 'key', 'value')]
     kernel = jnp.stack([w for w, _ in weights], axis=1).astype(self.dtype)
     bias = jnp.stack([b for _, b in weights]).astype(self.dtype)
-    gpu = jax.default_backend() == 'gpu'
+    cudnn = self.attention == 'cudnn'
     spec, names, bias = (
         ('tbnhk', ('batch', 'length', 'heads', 'kv'), bias[:, None, None])
-        if gpu else
+        if cudnn else
         ('tbhnk', ('batch', 'heads', 'length', 'kv'), bias[:, None, :, None]))
     qkv = jnp.einsum(f'bnd,dthk->{spec}', x.astype(self.dtype), kernel) + bias
     q, k, v = (constrain(y, names) for y in qkv)
-    out = gpu_attention(q, k, v) if gpu else attend(q, k, v)
-    return HeadsOut(width, self.dtype, heads_major=not gpu, name='out')(out)
+    out = fused_attention(q, k, v) if cudnn else attend(q, k, v)
+    return HeadsOut(width, self.dtype, heads_major=not cudnn, name='out')(out)
 
 
 class Mlp(nn.Module):
@@ -331,6 +408,7 @@ class Block(nn.Module):
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'  # or 'cudnn' (Attention)
 
   @nn.compact
   def __call__(self, x, drop_scales=None):
@@ -338,7 +416,7 @@ class Block(nn.Module):
     drop = lambda y, i: y if drop_scales is None else drop_path(
         y, drop_scales[i])
     y = layer_norm('norm1', self.norm_eps, self.dtype)(x)
-    y = Attention(self.num_heads, self.dtype, name='attn')(y)
+    y = Attention(self.num_heads, self.dtype, self.attention, name='attn')(y)
     x = x + drop(y, 0)
     y = layer_norm('norm2', self.norm_eps, self.dtype)(x)
     y = Mlp(int(width * self.mlp_ratio), self.dtype, name='mlp')(y)
@@ -359,8 +437,8 @@ REMAT_POLICIES = tuple(n for n in (
 def checkpoint_policy(name: str):
   """jax.checkpoint_policies.<name>, or one line naming the known ones."""
   if name not in REMAT_POLICIES:
-    raise ValueError(f'unknown model.remat_policy {name!r}; known: '
-                     f'{", ".join(REMAT_POLICIES)}')
+    raise errors.Invalid(f'unknown model.remat_policy {name!r}; known: '
+                         f'{", ".join(REMAT_POLICIES)}')
   return getattr(jax.checkpoint_policies, name)
 
 
@@ -380,6 +458,7 @@ class Transformer(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   remat_policy: str = 'nothing_saveable'
+  attention: str = 'xla'  # or 'cudnn' (Attention)
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -390,7 +469,8 @@ class Transformer(nn.Module):
     block = (nn.remat(Block, policy=checkpoint_policy(self.remat_policy))
              if self.remat else Block)
     kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                  norm_eps=self.norm_eps, dtype=self.dtype)
+                  norm_eps=self.norm_eps, dtype=self.dtype,
+                  attention=self.attention)
     if self.scan:
       stack = nn.scan(
           block, variable_axes={'params': 0}, in_axes=0, length=self.depth,
@@ -428,6 +508,7 @@ class Encoder(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   remat_policy: str = 'nothing_saveable'  # with remat (REMAT_POLICIES)
+  attention: str = 'xla'  # 'xla' or 'cudnn' (resolve_attention)
 
   def grid(self, images) -> tuple[int, int]:
     _, h, w, _ = images.shape
@@ -449,12 +530,13 @@ class Encoder(nn.Module):
                   (None, 'length', 'embed')),
           (1, 1 + grid[0] * grid[1], self.width))
       if pos.shape[1] != 1 + grid[0] * grid[1]:
-        raise ValueError(
+        raise errors.Invalid(
             f'learned position embedding has {pos.shape[1] - 1} patches but '
             f'the image has {grid[0] * grid[1]}; interpolate it '
             '(mimjax.convert.resize_posemb) when loading')
     else:
-      raise ValueError(f"posemb must be 'sincos' or 'learn', got {self.posemb!r}")
+      raise errors.Invalid(f"posemb must be 'sincos' or 'learn', got "
+                           f'{self.posemb!r}')
     patch_pos = pos[:, 1:]
     if ids_keep is not None:  # the projection is per patch: keep, then embed
       patches = gather_tokens(patches, ids_keep)
@@ -470,7 +552,8 @@ class Encoder(nn.Module):
     x, layers = Transformer(
         self.depth, self.num_heads, self.mlp_ratio, self.norm_eps,
         self.drop_path, self.scan, self.remat, self.dtype,
-        remat_policy=self.remat_policy, name='transformer',
+        remat_policy=self.remat_policy, attention=self.attention,
+        name='transformer',
     )(x, train=train)
     if self.final_norm:
       x = layer_norm('norm', self.norm_eps, self.dtype)(x)
