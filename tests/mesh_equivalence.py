@@ -42,7 +42,7 @@ def run(config, stage, devices, mesh_shape):
   state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
                                       config.seed, mesh, rules)
   step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings, mesh,
-                                   rules)
+                                   rules, recipe.accumulate)
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(3):

@@ -175,6 +175,8 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path,
 
 @pytest.mark.parametrize('key, value, message', [
     ('pretrain.batch_size', 30, 'not divisible by the data-parallel size 8'),
+    ('pretrain.accumulate', 8, 'pretrain.batch_size 32 is not divisible by '
+     'pretrain.accumulate 8 x the data-parallel size 8 = 64'),
     ('model.patch_size', 5, 'not divisible by model.patch_size 5'),
     ('pretrain.mask_ratio', 1.0, r'mask ratio must be in \(0, 1\)'),
     ('mesh', (2, 1, 1), 'has 2 devices, but 8 are present'),
@@ -232,14 +234,20 @@ def test_checkpoint_of_another_architecture_is_named(tmp_path, data_dir):
 
 
 def test_logged_lr_counts_optimizer_updates():
-  """With accumulate=4 the schedule advances once per 4 training steps, and
-  the logged learning rate is the one in effect at that step."""
-  c = config_lib.base_config().pretrain
-  c.batch_size = 256
-  schedule, lr_at = trainers.schedule_for(c, total=40, warmup=8, accumulate=4)
-  assert [lr_at(s) for s in (1, 4, 5, 8, 9, 40)] == [
-      float(schedule(u)) for u in (0, 0, 1, 1, 2, 9)]
-  assert lr_at(5) != float(schedule(4))  # not the micro-step count
+  """accumulate=4 splits each step's batch into 4 micro-batches: still one
+  optimizer update per training step, and the lr of the batch itself
+  (base_lr × batch / 256), not of 4 batches."""
+  c = tiny_config(None, mode='pretrain')
+  c.pretrain.update(dict(batch_size=256, accumulate=4, steps=40,
+                         warmup_steps=8))
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  recipe = trainers.pretrain_recipe(c, mesh, num_train=10**6)
+  assert recipe.accumulate == 4 and recipe.total_steps == 40
+  schedule = optim.warmup_cosine(c.pretrain.base_lr, 40, 8,
+                                 c.pretrain.min_lr)
+  assert [recipe.lr_at(s) for s in (1, 4, 5, 8, 9, 40)] == [
+      float(schedule(u)) for u in (0, 3, 4, 7, 8, 39)]
+  assert recipe.lr_at(9) == pytest.approx(c.pretrain.base_lr)  # the peak
 
 
 def _dense_step(model, width):

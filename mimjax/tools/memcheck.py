@@ -6,7 +6,9 @@
 With --devices, that many CPU devices are simulated, so a pod's sharding can
 be checked on a laptop (the memory figures are XLA's for the CPU backend:
 parameters and optimizer state are exact, activations indicative). Without
-it, the real local devices are used.
+it, the real local devices are used. The step is the stage's, accumulate
+included: --config.pretrain.accumulate=k compiles k micro-batches of
+batch_size / k images each.
 """
 
 from __future__ import annotations
@@ -47,8 +49,11 @@ def main(argv):
   except ValueError as e:
     print(f'memcheck: error: {e}', file=sys.stderr)
     sys.exit(1)
+  k = r['accumulate']
+  micro = (f", {k} micro-batches of {r['batch_size'] // k} images" if k > 1
+           else '')
   print(f"{_STAGE.value} step compiled for {r['devices']} devices, mesh "
-        f"{r['mesh']}, {r['num_params']:,} parameters")
+        f"{r['mesh']}, {r['num_params']:,} parameters{micro}")
   print(f"  parameters      {_gib(r['params_per_device'])} per device "
         f"({_gib(r['params_total'])} in all)")
   print(f"  optimizer state {_gib(r['opt_state_per_device'])} per device "

@@ -37,8 +37,8 @@ NUM_TRAIN = 1_281_167
 
 
 def compile_step(config, stage: str = 'pretrain', num_classes: int = 1000):
-  """The stage's train step compiled ahead of time, its abstract state and
-  its mesh."""
+  """The stage's train step (with the stage's `accumulate`) compiled ahead
+  of time, its abstract state and its mesh."""
   config_lib.validate(config, *sharding.topology())
   mesh, rules = build.setup(config)
   if stage == 'pretrain':
@@ -57,7 +57,7 @@ def compile_step(config, stage: str = 'pretrain', num_classes: int = 1000):
       'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32,
                                     sharding=batch_sharding)}
   step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings, mesh,
-                                   rules)
+                                   rules, recipe.accumulate)
   with sharding.active(mesh, rules):
     compiled = step.jitted.lower(state, batch).compile()
   return compiled, state, mesh
@@ -68,6 +68,8 @@ def check(config, stage: str = 'pretrain', num_classes: int = 1000) -> dict:
   compiled, state, mesh = compile_step(config, stage, num_classes)
   memory = compiled.memory_analysis()
   return {
+      'batch_size': config[stage].batch_size,
+      'accumulate': config[stage].accumulate,
       'devices': jax.device_count(),
       'mesh': dict(mesh.shape),
       'params_total': total_bytes(state.params),

@@ -107,11 +107,10 @@ def lars(schedule, params, weight_decay: float = 0.0,
                     momentum=momentum)
 
 
-def finalize(tx: optax.GradientTransformation, clip_norm: float | None = None,
-             accumulate_steps: int = 1) -> optax.GradientTransformation:
-  """Adds gradient clipping and gradient accumulation around `tx`."""
+def finalize(tx: optax.GradientTransformation,
+             clip_norm: float | None = None) -> optax.GradientTransformation:
+  """Adds gradient clipping around `tx` (accumulation over micro-batches is
+  the train step's: state.make_train_step)."""
   if clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
-  if accumulate_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accumulate_steps)
   return tx

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mimjax import sharding
 
@@ -112,15 +113,54 @@ def compiler_options(mesh) -> dict | None:
   return None
 
 
-def make_train_step(loss_fn, tx, shardings, mesh, rules):
+def _micro_batches(batch, accumulate: int, mesh):
+  """Each (B, ...) leaf as (accumulate, B / accumulate, ...). Micro-batch i
+  holds rows i, i + accumulate, ...: each device keeps its own rows, and
+  every micro-batch is split over the batch axes like the batch."""
+  split = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+
+  def one(x):
+    x = x.reshape(x.shape[0] // accumulate, accumulate, *x.shape[1:])
+    return jax.lax.with_sharding_constraint(jnp.swapaxes(x, 0, 1), split)
+  return jax.tree.map(one, batch)
+
+
+def make_train_step(loss_fn, tx, shardings, mesh, rules, accumulate: int = 1):
   """jit(step) with explicit shardings; the state buffer is donated.
 
   loss_fn(params, extra, batch, rng) -> (loss, (metrics, new_extra)).
+  accumulate=k: one update from k micro-batches of B / k, one after another
+  (a lax.scan), with the gradients, loss and metrics averaged over them;
+  micro-batch i draws from fold_in(step_rng, i), and `extra` passes from
+  each micro-batch to the next.
   """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulated(state, batch):
+    rng = state.step_rng()
+
+    def micro_step(carry, xs):
+      extra, grad_sum = carry
+      i, micro = xs
+      (loss, (metrics, extra)), grads = grad_fn(
+          state.params, extra, micro, jax.random.fold_in(rng, i))
+      return (extra, jax.tree.map(jnp.add, grad_sum, grads)), (loss, metrics)
+
+    zeros = jax.lax.with_sharding_constraint(
+        jax.tree.map(jnp.zeros_like, state.params), shardings.params)
+    (extra, grad_sum), (losses, metrics) = jax.lax.scan(
+        micro_step, (state.extra, zeros),
+        (jnp.arange(accumulate), _micro_batches(batch, accumulate, mesh)))
+    mean = lambda x: jnp.mean(x, axis=0)
+    grads = jax.tree.map(lambda g: g / accumulate, grad_sum)
+    return (mean(losses), (jax.tree.map(mean, metrics), extra)), grads
+
   def step(state: TrainState, batch):
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (metrics, extra)), grads = grad_fn(
-        state.params, state.extra, batch, state.step_rng())
+    if accumulate == 1:
+      (loss, (metrics, extra)), grads = grad_fn(
+          state.params, state.extra, batch, state.step_rng())
+    else:
+      (loss, (metrics, extra)), grads = accumulated(state, batch)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     params, opt_state, extra = update_if_finite(tx, grads, state, extra,
