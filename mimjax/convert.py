@@ -10,6 +10,9 @@ Three torch layouts are understood (names after an optional 'module.'):
 holds: 'encoder', 'decoder', 'fc_norm', 'head'. `export_state_dict` is its
 inverse, from the same name tables, into any of the three layouts. No torch
 needed (see torch_io); `mimjax-convert` is the command line of both.
+`export` and `load_encoder` (also `mimjax.export`, `mimjax.load_encoder`)
+read a run's checkpoints with the settings of its own config.json; `export`
+can add the config.json transformers' `from_pretrained` reads.
 
 Why this module is long: import, export and their command line are one
 contract over one set of name tables (import -> export -> import is
@@ -20,16 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 import safetensors.numpy
 
-from mimjax import checkpoint, torch_io
+from mimjax import build, checkpoint, errors, torch_io, views
+from mimjax import config as config_lib
 from mimjax.models import vit
 
 Params = dict[str, Any]
@@ -97,8 +104,8 @@ def detect_format(state_dict: dict[str, np.ndarray]) -> str:
     return 'hf'
   if any(k.startswith(('blocks.', 'patch_embed.')) for k in state_dict):
     return 'mae'
-  raise ValueError('state dict has neither official MAE/timm nor HF ViTMAE '
-                   f'parameter names (first keys: {list(state_dict)[:3]})')
+  raise errors.Invalid('state dict has neither official MAE/timm nor HF ViTMAE '
+                       f'parameter names (first keys: {list(state_dict)[:3]})')
 
 
 def _convert(kind: str, suffix: str, value: np.ndarray, heads: int):
@@ -181,7 +188,7 @@ def import_state_dict(state_dict: dict[str, np.ndarray], encoder_heads: int,
       heads = encoder_heads if module == 'encoder' else decoder_heads
       name, _, suffix = rest.rpartition('.')
       if name not in block_names:
-        raise ValueError(f'unknown block parameter {key!r}')
+        raise errors.Invalid(f'unknown block parameter {key!r}')
       path, kind = block_names[name]
       prefix = f'{module}/transformer/blocks_{index}/{path}'
     else:
@@ -189,13 +196,13 @@ def import_state_dict(state_dict: dict[str, np.ndarray], encoder_heads: int,
       if key in top:  # tokens: no '.weight' suffix
         name, suffix = key, ''
       if name not in top:
-        raise ValueError(f'unknown parameter {key!r} in a {fmt} state dict')
+        raise errors.Invalid(f'unknown parameter {key!r} in a {fmt} state dict')
       prefix, kind = top[name]
       heads = encoder_heads
       if kind == 'fixed':
         continue
     if kind in ('q', 'qkv', 'out') and heads is None:
-      raise ValueError(f'{key!r} needs the number of heads of its module')
+      raise errors.Invalid(f'{key!r} needs the number of heads of its module')
     for leaf, array in _convert(kind, suffix, value, heads).items():
       _set(params, f'{prefix}/{leaf}', array)
   _drop_fixed_posemb(params)
@@ -245,12 +252,14 @@ def export_state_dict(params: Params, layout: str = 'mae',
   objective's projector), which are left out.
   """
   if layout not in LAYOUTS:
-    raise ValueError(f'unknown layout {layout!r}; known: {", ".join(LAYOUTS)}')
+    raise errors.Invalid(f'unknown layout {layout!r}; known: '
+                         f'{", ".join(LAYOUTS)}')
   top, block_names, *stacks = LAYOUTS[layout]
   params = unstack_blocks(jax.tree.map(np.asarray, nn.meta.unbox(params)))
   if layout != 'mae' and {'fc_norm', 'head'} & set(params):
-    raise ValueError('HF ViTMAEForPreTraining holds no classifier (fc_norm, '
-                     'head): export a fine-tuned model with --layout=mae')
+    raise errors.Invalid('HF ViTMAEForPreTraining holds no classifier '
+                         '(fc_norm, head): export a fine-tuned model with '
+                         '--layout=mae')
   flat = checkpoint.flatten({k: v for k, v in params.items() if k in EXPORTED})
   used, out = set(), {}
 
@@ -268,8 +277,8 @@ def export_state_dict(params: Params, layout: str = 'mae',
     width = flat[f'{module}/{token}'].shape[-1]
     patch = flat['encoder/patch_embed/kernel'].shape[0]
     if image_size % patch:
-      raise ValueError(f'image size {image_size} is not a multiple of the '
-                       f'patch size {patch}')
+      raise errors.Invalid(f'image size {image_size} is not a multiple of the '
+                           f'patch size {patch}')
     side = image_size // patch
     return vit.posemb_sincos_2d((side, side), width)[None]
 
@@ -277,9 +286,9 @@ def export_state_dict(params: Params, layout: str = 'mae',
     module, present = path.split('/')[0], any(
         p == path or p.startswith(path + '/') for p in flat)
     if kind == 'fixed' and present:
-      raise ValueError(f'the {module} has a learned position embedding, which '
-                       f'the {layout} layout (fixed sin-cos) cannot hold; '
-                       'export it with --layout=mae')
+      raise errors.Invalid(f'the {module} has a learned position embedding, '
+                           f'which the {layout} layout (fixed sin-cos) cannot '
+                           f'hold; export it with --layout=mae')
     if kind in ('fixed', 'posemb') and not present and module in params:
       out[name] = fixed(module)
     elif present:
@@ -292,8 +301,8 @@ def export_state_dict(params: Params, layout: str = 'mae',
             kind)
   unused = sorted(set(flat) - used)
   if unused:
-    raise ValueError(f'parameter {unused[0]} has no name in the {layout} '
-                     'layout')
+    raise errors.Invalid(f'parameter {unused[0]} has no name in the {layout} '
+                         'layout')
   return out, sorted(set(params) - set(EXPORTED))
 
 
@@ -334,7 +343,8 @@ def resize_posemb(posemb: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
   cls, patches = posemb[:, :1], posemb[0, 1:]
   old = int(round(np.sqrt(patches.shape[0])))
   if old * old != patches.shape[0]:
-    raise ValueError(f'cannot resize a non-square grid of {patches.shape[0]}')
+    raise errors.Invalid(f'cannot resize a non-square grid of '
+                         f'{patches.shape[0]}')
   if (old, old) == tuple(grid):
     return posemb
   patches = patches.reshape(old, old, -1)
@@ -388,30 +398,291 @@ def check_preset(state_dict: dict[str, np.ndarray], model: str,
   preset = vit.preset(model)
   width, depth = found.get('width'), found['depth']
   if width is None:
-    raise ValueError('the weights have no patch embedding '
-                     f'({" or ".join(_PATCH_KEYS)}): not a ViT encoder')
+    raise errors.Invalid('the weights have no patch embedding '
+                         f'({" or ".join(_PATCH_KEYS)}): not a ViT encoder')
   if (width, depth) != (preset['width'], preset['depth']):
     same = [n for n, (w, d, _) in vit.PRESETS.items() if (w, d) == (width,
                                                                     depth)]
     hint = f'; use --model={same[0]}' if same else ''
-    raise ValueError(
+    raise errors.Invalid(
         f'the weights are a ViT of width {width} and depth {depth} '
         f'({found["patch_key"]} has shape {found["patch_shape"]}), but '
         f'--model={model} is width {preset["width"]}, depth '
         f'{preset["depth"]}, {preset["num_heads"]} heads{hint}')
   if width % preset['num_heads']:
-    raise ValueError(f'width {width} is not divisible by the '
-                     f'{preset["num_heads"]} heads of ViT-{model}')
+    raise errors.Invalid(f'width {width} is not divisible by the '
+                         f'{preset["num_heads"]} heads of ViT-{model}')
   if patch_size and found['patch_size'] != patch_size:
-    raise ValueError(f'the weights have patch size {found["patch_size"]} '
-                     f'({found["patch_key"]} has shape '
-                     f'{found["patch_shape"]}), not {patch_size}')
+    raise errors.Invalid(f'the weights have patch size {found["patch_size"]} '
+                         f'({found["patch_key"]} has shape '
+                         f'{found["patch_shape"]}), not {patch_size}')
   dec = found.get('decoder_width')
   if dec is not None and decoder_heads and dec % decoder_heads:
-    raise ValueError(f'the decoder has width {dec} ({found["decoder_key"]} '
-                     f'has shape {found["decoder_shape"]}), which '
-                     f'--decoder_heads={decoder_heads} does not divide')
+    raise errors.Invalid(f'the decoder has width {dec} ({found["decoder_key"]} '
+                         f'has shape {found["decoder_shape"]}), which '
+                         f'--decoder_heads={decoder_heads} does not divide')
   return found
+
+
+# ------------------------------------------- a run's settings; Python API
+
+# What mimjax-convert assumes where no run's config.json says otherwise
+# (an import; an export of a directory mimjax-convert wrote): the official
+# MAE ViT-B/16 at 224, with its 16-head decoder.
+DEFAULTS = dict(model='B', patch_size=0, image_size=224, decoder_heads=16,
+                norm_eps=1e-6, mask_ratio=0.75, norm_pix=True)
+
+
+def run_config(checkpoints):
+  """(config, path) of the run whose `<stage>/checkpoints` these are: its
+  latest config file (config.json, then config-2.json, ... one per
+  invocation) as an ml_collections ConfigDict; (None, None) outside a run."""
+  where = checkpoint.resolve(checkpoints)
+  if where.name != 'checkpoints':
+    return None, None
+  root = where.parent.parent
+  numbered = {int(m.group(1) or 1): p for p in root.iterdir()
+              if (m := re.fullmatch(r'config(?:-(\d+))?\.json', p.name))}
+  if not numbered:
+    return None, None
+  path = numbered[max(numbered)]
+  try:
+    return mlc.ConfigDict(json.loads(path.read_text())), str(path)
+  except ValueError as e:
+    raise errors.Invalid(f'{path} is not a readable run config: '
+                         f'{str(e).splitlines()[0]}') from None
+
+
+def run_settings(config, stage: str) -> dict[str, Any]:
+  """What `export` needs to know from a run's config: the model, patch and
+  image size (of `stage`: pretrain.data's for pre-training, data's for the
+  others), the decoder's heads, the norm epsilon, mask ratio and norm-pix."""
+  try:
+    pre = config.pretrain
+    return dict(
+        model=config.model.size, patch_size=config.model.patch_size,
+        norm_eps=config.model.norm_eps, decoder_heads=pre.decoder.num_heads,
+        image_size=(pre.data if stage == 'pretrain' else
+                    config.data).image_size, mask_ratio=pre.mask_ratio,
+        norm_pix=bool(pre.objective_kwargs.get('norm_pix', True)))
+  except (AttributeError, KeyError) as e:
+    raise errors.Invalid(f'the run config lacks {e}') from None
+
+
+def _checkpoint_dir(source: str, reader: str):
+  """The mimjax checkpoint directory `source` names (find_init's rules)."""
+  where = checkpoint.resolve(checkpoint.find_init(source, 'checkpoint'))
+  if where.is_file():
+    raise errors.Invalid(f'{source} is a file; {reader} reads a mimjax '
+                         'checkpoint directory (import a .pth with '
+                         'mimjax-convert first)')
+  return where
+
+
+def _load(where) -> Params:
+  """The parameters of a run's checkpoints or of an orbax params directory."""
+  if any(p.name.isdigit() for p in where.iterdir()):
+    return checkpoint.load_state_params(str(where))
+  return checkpoint.load_params(str(where))
+
+
+def hf_vitmae_config(params: Params, settings: dict[str, Any]) -> dict:
+  """A transformers `ViTMAEConfig` (as JSON) for the model `params` hold,
+  built from their shapes and `settings` (heads, image size, norm epsilon,
+  mask ratio, norm-pix): `ViTMAEForPreTraining.from_pretrained` of a
+  directory with it and the 'hf'/'hf4' export loads as is."""
+  flat = checkpoint.flatten(unstack_blocks(
+      jax.tree.map(np.shape, nn.meta.unbox(params))))
+  if 'decoder/embed/kernel' not in flat:
+    raise errors.Invalid('the checkpoint has no decoder, and '
+                         'ViTMAEForPreTraining needs one: export a '
+                         "pre-training run's checkpoints")
+  patch, _, channels, width = flat['encoder/patch_embed/kernel']
+  dec_width, predicted = (flat['decoder/embed/kernel'][1],
+                          flat['decoder/pred/kernel'][1])
+  if predicted != patch * patch * channels:
+    raise errors.Invalid(f'the decoder predicts {predicted} values per patch, '
+                         f'not the {patch}x{patch}x{channels} pixels '
+                         'ViTMAEForPreTraining predicts')
+  depth = lambda m: len({k.split('/')[2] for k in flat
+                         if k.startswith(f'{m}/transformer/')})
+  block = 'transformer/blocks_0/mlp/fc1/kernel'
+  return dict(
+      architectures=['ViTMAEForPreTraining'], model_type='vit_mae',
+      hidden_size=width, num_hidden_layers=depth('encoder'),
+      num_attention_heads=vit.preset(settings['model'])['num_heads'],
+      intermediate_size=flat[f'encoder/{block}'][1], hidden_act='gelu',
+      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+      layer_norm_eps=settings['norm_eps'], qkv_bias=True,
+      image_size=settings['image_size'], patch_size=patch,
+      num_channels=channels, decoder_hidden_size=dec_width,
+      decoder_num_hidden_layers=depth('decoder'),
+      decoder_num_attention_heads=settings['decoder_heads'],
+      decoder_intermediate_size=flat[f'decoder/{block}'][1],
+      mask_ratio=settings['mask_ratio'], norm_pix_loss=settings['norm_pix'])
+
+
+def _replaceable(path, overwrite: bool, ours: bool, what: str):
+  """Refuses to write over `path` unless `overwrite`, and even then unless
+  it is part of a previous export (`ours`; `what` says what one is)."""
+  if not path.exists():
+    return
+  if not overwrite:
+    raise errors.Invalid(f'{path} exists; choose another name, or '
+                         '--overwrite to replace a previous export')
+  if not ours:
+    raise errors.Invalid(f'{path} is not {what}; --overwrite replaces only '
+                         'those: choose another name')
+
+
+def _write(path, data: bytes):
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_bytes(data)
+  tmp.replace(path)
+
+
+def export(source: str, output: str, hf_config: bool = False,
+           layout: str | None = None, *, model: str | None = None,
+           image_size: int | None = None, patch_size: int | None = None,
+           decoder_heads: int | None = None, overwrite: bool = False) -> str:
+  """Writes the weights of a run (its directory, a stage directory, its
+  `<stage>/checkpoints`, or a directory mimjax-convert wrote) as a PyTorch
+  state dict; returns the line mimjax-convert --export prints.
+
+  The model size, patch and image size (of the fixed sin-cos tables) and
+  the decoder's heads are the run's (its latest config.json); an argument
+  given overrides them. `output` is the .safetensors file to write, or with
+  `hf_config` a directory for `transformers.ViTMAEForPreTraining
+  .from_pretrained`: model.safetensors (`layout` 'hf', the default, or
+  'hf4') and config.json (`hf_vitmae_config`).
+  """
+  layout = layout or ('hf' if hf_config else 'mae')
+  if layout not in LAYOUTS:
+    raise errors.Invalid(f'unknown layout {layout!r}; known: '
+                         f'{", ".join(LAYOUTS)}')
+  out = checkpoint.resolve(output)
+  if hf_config:
+    if layout == 'mae' or str(out).endswith('.safetensors'):
+      raise errors.Invalid('--hf_config writes a transformers '
+                           'ViTMAEForPreTraining directory: OUTPUT a '
+                           'directory, --layout hf or hf4')
+    if out.exists() and not out.is_dir():
+      raise errors.Invalid(f'{output} exists and is not a directory')
+    weights, config_file = out / 'model.safetensors', out / 'config.json'
+    shown = os.path.join(output, 'model.safetensors')
+  elif not str(out).endswith('.safetensors'):
+    raise errors.Invalid(f'{output}: the file --export writes must end in '
+                         '.safetensors (or, with --hf_config, name a '
+                         'directory)')
+  else:
+    weights, config_file, shown = out, None, output
+  ours = _is_export(weights)
+  _replaceable(weights, overwrite, ours, 'a file mimjax-convert --export wrote')
+  if config_file is not None:
+    _replaceable(config_file, overwrite, ours, 'next to a model.safetensors '
+                 'mimjax-convert --export wrote')
+  where = _checkpoint_dir(source, '--export')
+  config, config_path = run_config(where)
+  settings = dict(DEFAULTS)
+  if config is not None:
+    settings.update(run_settings(config, where.parent.name))
+  given = dict(model=model, image_size=image_size, patch_size=patch_size,
+               decoder_heads=decoder_heads)
+  settings.update({k: v for k, v in given.items() if v})
+  params = _load(where)
+  state_dict, left_out = export_state_dict(params, layout,
+                                           settings['image_size'])
+  found = check_preset(state_dict, settings['model'],
+                       settings['decoder_heads'] if hf_config else None,
+                       settings['patch_size'])
+  hf = hf_vitmae_config(params, settings) if hf_config else None
+  if hf_config:
+    out.mkdir(parents=True, exist_ok=True)
+  _write(weights, safetensors.numpy.save(state_dict, metadata={
+      'format': 'pt', 'mimjax_export': layout}))
+  if hf is not None:
+    _write(config_file, (json.dumps(hf, indent=2) + '\n').encode())
+  total = sum(x.size for x in state_dict.values())
+  parts = [p for p in EXPORTED if p in params]
+  return (f'wrote {shown}: {", ".join(parts)} in the {layout} layout '
+          f'({len(state_dict)} tensors, {total:,} values; '
+          f'ViT-{settings["model"]}, patch {found["patch_size"]}, image '
+          f'{settings["image_size"]}' +
+          (f', as {config_path} says' if config_path else '') + ')' +
+          (f' and {os.path.join(output, "config.json")} '
+           '(ViTMAEForPreTraining.from_pretrained)' if hf is not None else '') +
+          (f'; left out: {", ".join(left_out)}' if left_out else ''))
+
+
+class LoadedEncoder:
+  """A trained encoder: `module` (a flax `models.Encoder`), its `params`
+  (`module.apply({'params': params}, images)`), the run's `config` (None
+  outside a run), the `image_size` it was trained at, and `embed`."""
+
+  def __init__(self, module, params, config, image_size: int):
+    self.module, self.params, self.config = module, params, config
+    self.image_size = image_size
+    mean, std = np.float32(views.IMAGENET_MEAN), np.float32(views.IMAGENET_STD)
+
+    def embed(params, images, pool):
+      if images.dtype == jnp.uint8:  # [0, 255] -> as the input pipeline
+        images = (images.astype(jnp.float32) / 255 - mean) / std
+      tokens = module.apply({'params': params}, images)['tokens']
+      return tokens[:, 0] if pool == 'cls' else tokens[:, 1:].mean(axis=1)
+
+    self._embed = jax.jit(embed, static_argnames='pool')
+
+  def embed(self, images, pool: str = 'mean') -> jax.Array:
+    """(B, width) features of (B, H, W, 3) images: ImageNet mean/std
+    normalised float32 as mimjax.data gives them, or uint8 [0, 255] ones
+    (normalised here); H and W multiples of the patch size. `pool`: 'mean'
+    of the patch tokens, or the 'cls' token (both after the final norm,
+    when the encoder has one). Jitted: one compile per shape and pool."""
+    if pool not in ('mean', 'cls'):
+      raise errors.Invalid(f"pool must be 'mean' or 'cls', got {pool!r}")
+    if np.ndim(images) != 4 or np.shape(images)[-1] != 3:
+      raise errors.Invalid(f'images must be (batch, height, width, 3), got '
+                           f'shape {np.shape(images)}')
+    return self._embed(self.params, images, pool=pool)
+
+
+def load_encoder(path: str, model: str | None = None) -> LoadedEncoder:
+  """The encoder of a run (its directory: the pre-training; a stage
+  directory; or its `<stage>/checkpoints`), built from the run's latest
+  config.json; `model` (a ViT size) overrides its size, and is needed for
+  a directory mimjax-convert wrote, which has no config."""
+  where = _checkpoint_dir(path, 'load_encoder')
+  config, _ = run_config(where)
+  if config is None and model is None:
+    raise errors.Invalid(f'{path} is not in a run (no config.json two levels '
+                         'up): give the ViT size, load_encoder(path, '
+                         f'model=...), one of {", ".join(vit.PRESETS)}')
+  params = _load(where)
+  if 'encoder' not in params:
+    raise errors.Invalid(f'{path} has no encoder parameters (found '
+                         f'{", ".join(sorted(params))})')
+  params = params['encoder']
+  model_cfg = (config.model if config is not None else
+               config_lib.base_config().model).copy_and_resolve_references()
+  patch = int(np.shape(params['patch_embed']['kernel'])[0])
+  with model_cfg.unlocked():
+    model_cfg.size = model or model_cfg.size
+    model_cfg.patch_size = patch
+    model_cfg.scan = 'blocks' in params['transformer']
+  learned = 'pos_embed' in params
+  if config is not None:
+    image_size = run_settings(config, where.parent.name)['image_size']
+  elif learned:
+    image_size = patch * int(round(np.sqrt(params['pos_embed'].shape[1] - 1)))
+  else:
+    image_size = DEFAULTS['image_size']
+  module = build.encoder(model_cfg, posemb='learn' if learned else 'sincos',
+                         final_norm='norm' in params)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jax.ShapeDtypeStruct(
+      (1, image_size, image_size, 3), jnp.float32))['params']
+  checkpoint.check_compatible(shapes, params, f'the encoder of {path} '
+                              f'(ViT-{model_cfg.size})')
+  return LoadedEncoder(module, params, config, image_size)
 
 
 # ----------------------------------------------------------------- CLI
@@ -419,7 +690,8 @@ def check_preset(state_dict: dict[str, np.ndarray], model: str,
 
 def main(argv=None):
   """mimjax-convert: a .pth / .safetensors checkpoint -> an orbax checkpoint;
-  with --export, a mimjax checkpoint -> a .safetensors state dict.
+  with --export, a mimjax checkpoint -> a .safetensors state dict (and with
+  --hf_config, a transformers ViTMAEForPreTraining directory).
 
   From the command line (argv None) an error is one line and exit status 1;
   called with argv, it raises.
@@ -442,14 +714,18 @@ def _main(argv):
                       'with --export: a run directory, its '
                       '<stage>/checkpoints, or a directory this command wrote')
   parser.add_argument('output', help='directory for the orbax checkpoint; '
-                      'with --export: the .safetensors file to write')
-  parser.add_argument('--model', default='B', help='ViT size: ' +
-                      ', '.join(vit.PRESETS))
-  parser.add_argument('--decoder_heads', type=int, default=16)
+                      'with --export: the .safetensors file to write, or with '
+                      '--hf_config a directory')
+  parser.add_argument('--model', default=None, help='ViT size: ' +
+                      ', '.join(vit.PRESETS) + " (default B; with --export "
+                      "of a run: the run's)")
+  parser.add_argument('--decoder_heads', type=int, default=None,
+                      help="default 16; with --export of a run: the run's")
   parser.add_argument('--scan', action='store_true',
                       help='write stacked (scanned) block parameters')
   parser.add_argument('--patch_size', type=int, default=0,
-                      help='refuse weights of another patch size (0: any)')
+                      help='refuse weights of another patch size (0: any; '
+                      "with --export of a run: the run's)")
   parser.add_argument('--overwrite', action='store_true',
                       help='replace a previous mimjax checkpoint in OUTPUT, or '
                       'with --export a previous export (nothing else there is '
@@ -459,16 +735,24 @@ def _main(argv):
                       'dict instead')
   parser.add_argument('--layout', choices=sorted(LAYOUTS), default=None,
                       help='with --export: mae (official MAE / timm names, the '
-                      'default), hf (transformers 5.x ViTMAEForPreTraining) or '
-                      'hf4 (transformers 4.x)')
+                      'default), hf (transformers 5.x ViTMAEForPreTraining, '
+                      'the default with --hf_config) or hf4 (transformers '
+                      '4.x)')
   parser.add_argument('--image_size', type=int, default=None,
                       help='with --export: image size of the fixed sin-cos '
-                      'tables (default 224)')
+                      "tables (default: the run's, else 224)")
+  parser.add_argument('--hf_config', action='store_true',
+                      help='with --export: OUTPUT is a directory; write '
+                      'model.safetensors and the config.json that '
+                      'transformers ViTMAEForPreTraining.from_pretrained reads')
   args = parser.parse_args(argv)
   if args.export:
     return _export_main(args)
-  if args.layout or args.image_size:
-    raise ValueError('--layout and --image_size go with --export')
+  if args.layout or args.image_size or args.hf_config:
+    raise errors.Invalid('--layout, --image_size and --hf_config go with '
+                         '--export')
+  args.model = args.model or DEFAULTS['model']
+  args.decoder_heads = args.decoder_heads or DEFAULTS['decoder_heads']
   return _import_main(args)
 
 
@@ -476,14 +760,15 @@ def _import_main(args):
   out = checkpoint.resolve(args.output)
   if out.exists() and not args.overwrite and (
       not out.is_dir() or any(True for _ in out.iterdir())):
-    raise ValueError(f'{args.output} exists and is not empty; choose another '
-                     'directory, or --overwrite to replace a previous mimjax '
-                     'checkpoint there')
+    raise errors.Invalid(f'{args.output} exists and is not empty; choose '
+                         f'another directory, or --overwrite to replace a '
+                         'previous mimjax checkpoint there')
   if out.is_dir() and checkpoint.foreign_entries(out):
-    raise ValueError(f'{args.output} holds '
-                     f'{", ".join(checkpoint.foreign_entries(out)[:3])}, '
-                     'which mimjax did not write; --overwrite replaces only a '
-                     'previous mimjax checkpoint: choose another directory')
+    raise errors.Invalid(f'{args.output} holds '
+                         f'{", ".join(checkpoint.foreign_entries(out)[:3])}, '
+                         'which mimjax did not write; --overwrite replaces '
+                         'only a previous mimjax checkpoint: choose another '
+                         'directory')
   state_dict = torch_io.load_state_dict(args.source)
   found = check_preset(state_dict, args.model, args.decoder_heads,
                        args.patch_size)
@@ -500,38 +785,10 @@ def _import_main(args):
 
 
 def _export_main(args):
-  layout, image_size = args.layout or 'mae', args.image_size or 224
-  out = checkpoint.resolve(args.output)
-  if not str(out).endswith('.safetensors'):
-    raise ValueError(f'{args.output}: the file --export writes must end in '
-                     '.safetensors')
-  if out.exists():
-    if not args.overwrite:
-      raise ValueError(f'{args.output} exists; choose another name, or '
-                       '--overwrite to replace a previous export')
-    if not _is_export(out):
-      raise ValueError(f'{args.output} is not a file mimjax-convert --export '
-                       'wrote; --overwrite replaces only those: choose another '
-                       'name')
-  where = checkpoint.resolve(checkpoint.find_init(args.source, 'checkpoint'))
-  if where.is_file():
-    raise ValueError(f'{args.source} is a file; --export reads a mimjax '
-                     'checkpoint directory')
-  params = (checkpoint.load_state_params(str(where))
-            if any(p.name.isdigit() for p in where.iterdir())
-            else checkpoint.load_params(str(where)))
-  state_dict, left_out = export_state_dict(params, layout, image_size)
-  found = check_preset(state_dict, args.model, patch_size=args.patch_size)
-  tmp = out.parent / (out.name + '.tmp')
-  tmp.write_bytes(safetensors.numpy.save(state_dict, metadata={
-      'format': 'pt', 'mimjax_export': layout}))
-  tmp.replace(out)
-  total = sum(x.size for x in state_dict.values())
-  parts = [p for p in EXPORTED if p in params]
-  print(f'wrote {args.output}: {", ".join(parts)} in the {layout} layout '
-        f'({len(state_dict)} tensors, {total:,} values; ViT-{args.model}, '
-        f'patch {found["patch_size"]}, image {image_size})' +
-        (f'; left out: {", ".join(left_out)}' if left_out else ''))
+  print(export(args.source, args.output, args.hf_config, args.layout,
+               model=args.model, image_size=args.image_size,
+               patch_size=args.patch_size, decoder_heads=args.decoder_heads,
+               overwrite=args.overwrite))
   return 0
 
 

@@ -7,6 +7,7 @@ hand, independently of `convert.export_state_dict`, which is checked against
 it; none of this needs torch; only the `torch.save` CLI cases do.
 """
 
+import json
 import os
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ import pytest
 import safetensors.numpy
 
 from mimjax import checkpoint, convert, masking, mim, objectives, torch_io
+from mimjax import config as config_lib
 from mimjax.models import Classifier, Decoder, Encoder, posemb_sincos_2d
 from mimjax.models import vit
 
@@ -733,3 +735,115 @@ def test_cli_export_error_is_one_plain_line(tmp_path, capsys, monkeypatch):
   err = capsys.readouterr().err
   assert err == (f'mimjax-convert: error: checkpoint={tmp_path / "nothing"}: '
                  'no such file or directory\n')
+
+
+# ------------------------------------------------- export of a run, as it is
+
+
+def _run(tmp_path, params, image_size=SIZE, name='run'):
+  """A run as pipeline.run leaves it: a train-state checkpoint in
+  pretrain/checkpoints and the invocation's config.json at its root."""
+  run = tmp_path / name
+  ckpts = checkpoint.Checkpoints(str(run / 'pretrain' / 'checkpoints'),
+                                 async_save=False)
+  ckpts.save(7, {'params': params, 'step': np.int32(7)}, {'position': 0})
+  ckpts.close()
+  c = config_lib.base_config()
+  c.model.size, c.model.patch_size = 'mu', PATCH
+  c.pretrain.data.image_size = image_size
+  c.pretrain.decoder.update(dict(width=DEC_WIDTH, depth=DEC_DEPTH,
+                                 num_heads=DEC_HEADS))
+  (run / 'config.json').write_text(c.to_json_best_effort(indent=1))
+  return run, c
+
+
+def test_cli_export_of_a_run_reads_its_config(tmp_path, sincos_params, capsys):
+  """No --model or --image_size: the run's own (its latest config-N.json);
+  a flag given overrides them."""
+  run, c = _run(tmp_path, sincos_params)
+  out = tmp_path / 'mae.safetensors'
+  assert convert.main(['--export', str(run), str(out)]) == 0
+  assert capsys.readouterr().out.rstrip().endswith(
+      f'ViT-mu, patch 4, image {SIZE}, as {run / "config.json"} says)')
+  assert_state_dicts_equal(torch_io.load_state_dict(out),
+                           to_mae_state_dict(sincos_params))
+  # A later invocation's config-2.json is the one read ...
+  c.pretrain.data.image_size = 16
+  (run / 'config-2.json').write_text(c.to_json_best_effort(indent=1))
+  for source in (run, run / 'pretrain', run / 'pretrain' / 'checkpoints'):
+    convert.main(['--export', str(source), str(out), '--overwrite'])
+    assert 'image 16, as' in capsys.readouterr().out
+    assert torch_io.load_state_dict(out)['pos_embed'].shape == (1, 17, WIDTH)
+  # ... and flags given explicitly win.
+  convert.main(['--export', str(run), str(out), '--overwrite',
+                '--image_size', '32'])
+  assert torch_io.load_state_dict(out)['pos_embed'].shape == (1, 65, WIDTH)
+  with pytest.raises(ValueError, match=r'width 64 and depth 2.*--model=mu'):
+    convert.main(['--export', str(run), str(out), '--overwrite', '--model',
+                  'B'])
+
+
+def test_cli_export_hf_config_writes_a_from_pretrained_directory(
+    tmp_path, sincos_params, capsys):
+  run, _ = _run(tmp_path, sincos_params)
+  out = tmp_path / 'hf'
+  assert convert.main(['--export', str(run), str(out), '--hf_config']) == 0
+  assert capsys.readouterr().out.startswith(
+      f'wrote {out / "model.safetensors"}: encoder, decoder in the hf layout (')
+  assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
+  assert_state_dicts_equal(
+      torch_io.load_state_dict(out / 'model.safetensors'),
+      to_hf_state_dict(to_mae_state_dict(sincos_params), 5))
+  assert json.loads((out / 'config.json').read_text()) == dict(
+      architectures=['ViTMAEForPreTraining'], model_type='vit_mae',
+      hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+      intermediate_size=4 * WIDTH, hidden_act='gelu', hidden_dropout_prob=0.0,
+      attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6, qkv_bias=True,
+      image_size=SIZE, patch_size=PATCH, num_channels=3,
+      decoder_hidden_size=DEC_WIDTH, decoder_num_hidden_layers=DEC_DEPTH,
+      decoder_num_attention_heads=DEC_HEADS,
+      decoder_intermediate_size=4 * DEC_WIDTH, mask_ratio=0.75,
+      norm_pix_loss=True)
+  # transformers 4.x names, over the previous export.
+  with pytest.raises(ValueError, match='exists; choose another name'):
+    convert.main(['--export', str(run), str(out), '--hf_config'])
+  convert.main(['--export', str(run), str(out), '--hf_config', '--overwrite',
+                '--layout', 'hf4'])
+  assert 'vit.encoder.layer.0.attention.attention.query.weight' in (
+      torch_io.load_state_dict(out / 'model.safetensors'))
+  # Nothing mimjax did not write is replaced.
+  foreign = tmp_path / 'foreign'
+  foreign.mkdir()
+  (foreign / 'config.json').write_text('{"mine": 1}')
+  with pytest.raises(ValueError, match='not next to a model.safetensors '
+                     'mimjax-convert --export wrote'):
+    convert.main(['--export', str(run), str(foreign), '--hf_config',
+                  '--overwrite'])
+  assert (foreign / 'config.json').read_text() == '{"mine": 1}'
+  for extra, message in (
+      (['--layout', 'mae'], 'OUTPUT a directory, --layout hf or hf4'),
+      ([], 'OUTPUT a directory')):
+    with pytest.raises(ValueError, match=message):
+      convert.main(['--export', str(run), str(tmp_path / 'x.safetensors')
+                    if not extra else str(tmp_path / 'y'), '--hf_config',
+                    *extra])
+  with pytest.raises(ValueError, match='go with --export'):
+    convert.main([str(run), str(tmp_path / 'z'), '--hf_config'])
+  encoder_only, _ = _run(tmp_path, {'encoder': sincos_params['encoder']},
+                         name='encoder_only')
+  with pytest.raises(ValueError, match='has no decoder'):
+    convert.main(['--export', str(encoder_only), str(tmp_path / 'e'),
+                  '--hf_config'])
+
+
+def test_load_and_export_print_no_orbax_metadata_warning(
+    tmp_path, sincos_params, caplog, capfd):
+  run, _ = _run(tmp_path, sincos_params)
+  caplog.set_level('INFO')
+  checkpoint.load_state_params(str(run / 'pretrain' / 'checkpoints'))
+  _export(run, tmp_path / 'out.safetensors')
+  checkpoint.save_params(str(tmp_path / 'params'), sincos_params)
+  checkpoint.load_params(str(tmp_path / 'params'))
+  printed = capfd.readouterr()
+  for text in (caplog.text, printed.out, printed.err):
+    assert 'Metadata file does not exist' not in text
