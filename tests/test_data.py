@@ -184,11 +184,14 @@ def test_image_folder_skips_corrupt_files(tmp_path):
   assert info.num_skipped == 1 and info.skipped[0].endswith('broken.jpg')
   assert info.class_names == ('cat', 'dog') and len(info.paths) == 6
   assert data.num_classes(config) == 2
-  assert data.num_examples(config, 'train') == 6
+  # No test/: data.holdout (10%) of the 6 is held out for evaluation.
+  assert data.num_examples(config, 'train') == 5
+  assert data.num_examples(config, 'test') == 1
   batch = next(data.train_batches(config, 'finetune', 4, seed=0))
   assert batch['image'].shape == (4, 16, 16, 3)
-  batches = list(data.eval_batches(config, 4))
-  labels = np.concatenate([b['label'][b['valid']] for b in batches])
+  labels = np.concatenate([b['label'][b['valid']]
+                           for split in ('train', 'test')
+                           for b in data.eval_batches(config, 4, split)])
   assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
 
 

@@ -1,7 +1,8 @@
 """The paper's analyses of trained encoders, written as JSON and PNGs.
 
 For each encoder (a checkpoint, or 'random' for a random initialisation) and
-the first `analyze.examples` images of the eval split:
+`analyze.examples` images of the eval split (drawn with a fixed seed from all
+of it, the same in every run; data.eval_batches):
 
 - occlusion invariance per block: linear CKA, mean cosine and mean centred
   cosine (each view's features less that view's mean over the images) between
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimjax import build, checkpoint, masking, sharding, weights
+from mimjax import build, checkpoint, errors, masking, sharding, weights
 from mimjax.analysis import cka, invariance, plots, stream
 
 RANDOM = 'random'
@@ -52,8 +53,8 @@ def parse_encoders(spec: str, default: str) -> dict[str, str]:
   for item in spec.split(','):
     name, sep, path = item.partition('=')
     if not sep or not name.strip() or not path.strip():
-      raise ValueError(f'analyze.encoders: {item!r} is not name=path '
-                       "(path: a checkpoint or 'random')")
+      raise errors.Invalid(f'analyze.encoders: {item!r} is not name=path '
+                           "(path: a checkpoint or 'random')")
     encoders[name.strip()] = path.strip()
   return encoders
 
@@ -61,8 +62,8 @@ def parse_encoders(spec: str, default: str) -> dict[str, str]:
 def check_paths(encoders: dict[str, str]):
   for name, path in encoders.items():
     if path != RANDOM and not checkpoint.resolve(path).exists():
-      raise FileNotFoundError(f'analyze.encoders: {name}={path} does not '
-                              'exist')
+      raise errors.Missing(f'analyze.encoders: {name}={path} does not '
+                           'exist')
 
 
 def encoder_params(config, encoder, path: str, grid):
@@ -111,9 +112,10 @@ def _views_fn(config, encoder):
 
 
 def _batches(config, views, params: list, mesh, whole: bool = True):
-  """Reads the eval stream once, up to analyze.examples valid images; yields
-  per batch, for each of `params`, {'whole' (if whole), 'view_a', 'view_b'}:
-  numpy (depth, b, D) of the batch's valid (used) rows."""
+  """Reads the eval stream once, analyze.examples images drawn with a fixed
+  seed (all of the split if fewer); yields per batch, for each of `params`,
+  {'whole' (if whole), 'view_a', 'view_b'}: numpy (depth, b, D) of the
+  batch's valid (used) rows."""
   limit, seen = config.analyze.examples, 0
   for first_row, g, valid in stream.eval_stream(
       config.data, config.eval_batch_size, mesh, limit=limit):
@@ -130,7 +132,7 @@ def _batches(config, views, params: list, mesh, whole: bool = True):
 def layer_features(config, encoder, params, mesh,
                    rules) -> dict[str, np.ndarray]:
   """Per-block image features (depth, n, D) of the whole images and of two
-  complementary masked views, over the first analyze.examples images."""
+  complementary masked views, over analyze.examples images (_batches)."""
   views = _views_fn(config, encoder)
   with sharding.active(mesh, rules):
     parts = [b[0] for b in _batches(config, views, [params], mesh)]
@@ -157,7 +159,7 @@ def full_batch_stats(config, views, params: dict, mesh) -> Stats:
     for n, feats in zip(names, batch):
       parts[n].append(feats)
   if not parts[names[0]]:
-    raise ValueError('analyze: the eval split has no images')
+    raise errors.Invalid('analyze: the eval split has no images')
   feats = {n: {k: np.concatenate([p[k] for p in ps], axis=1)
                for k in ('whole',) + VIEWS} for n, ps in parts.items()}
   inv = {n: jax.device_get(invariance.occlusion_invariance(
@@ -179,10 +181,10 @@ def minibatch_stats(config, views, params: dict, mesh) -> Stats:
   unbiased HSIC. Two reads of the eval stream: the views' means, then the
   rest. A batch of <= 3 images (only ever the last) is left out of both."""
   if config.eval_batch_size < MIN_HSIC_BATCH:
-    raise ValueError('analyze: the minibatch CKA estimator (analyze.examples '
-                     f'{config.analyze.examples} > eval_batch_size '
-                     f'{config.eval_batch_size}) needs eval_batch_size >= '
-                     f'{MIN_HSIC_BATCH}')
+    raise errors.Invalid('analyze: the minibatch CKA estimator '
+                         f'(analyze.examples {config.analyze.examples} > '
+                         f'eval_batch_size {config.eval_batch_size}) needs '
+                         f'eval_batch_size >= {MIN_HSIC_BATCH}')
   names, plist = list(params), list(params.values())
   rows = lambda batch: batch[0]['view_a'].shape[1]
   # Pass 1: each view's mean feature per block, over the images used.
@@ -197,8 +199,8 @@ def minibatch_stats(config, views, params: dict, mesh) -> Stats:
       for j, view in enumerate(VIEWS):
         sums[n][j] = sums[n][j] + feats[view].sum(axis=1, dtype=np.float64)
   if not used:
-    raise ValueError('analyze: no eval batch has more than 3 images, which '
-                     'the minibatch CKA estimator needs')
+    raise errors.Invalid('analyze: no eval batch has more than 3 images, which '
+                         'the minibatch CKA estimator needs')
   # Pass 2: invariance and cross-encoder CKA, batch by batch.
   inv = {n: invariance.MinibatchInvariance.create(list(s[0] / used),
                                                   list(s[1] / used))

@@ -21,6 +21,7 @@ from mimjax.data.builders import one_image_builder
 from mimjax.data.builders import OneImage
 from mimjax.data.builders import OneImageConfig
 from mimjax.data.pipeline import eval_batches
+from mimjax.data.pipeline import eval_dataset
 from mimjax.data.pipeline import folder_info
 from mimjax.data.pipeline import FolderInfo
 from mimjax.data.pipeline import num_classes

@@ -14,8 +14,11 @@ import dataclasses
 import hashlib
 import os
 
+
 import numpy as np
 import tensorflow_datasets as tfds
+
+from mimjax import errors
 
 _DIGITS_TRAIN = 1497  # The remaining 300 of the 1,797 digits are 'test'.
 
@@ -71,8 +74,8 @@ def load_photo(path: str = '') -> np.ndarray:
     with Image.open(path) as im:
       return np.asarray(im.convert('RGB'))
   except (OSError, SyntaxError, ValueError) as e:  # PIL's "not an image"
-    raise ValueError(f'one_image: {path} is not an image PIL can read '
-                     f'({type(e).__name__})') from None
+    raise errors.Invalid(f'one_image: {path} is not an image PIL can read '
+                         f'({type(e).__name__})') from None
 
 
 class OneImage(tfds.core.GeneratorBasedBuilder):
@@ -104,7 +107,7 @@ def one_image_config(path: str = '') -> OneImageConfig:
     return OneImage.BUILDER_CONFIGS[0]
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isfile(path):
-    raise ValueError(f'one_image: no file at {path}.')
+    raise errors.Invalid(f'one_image: no file at {path}.')
   st = os.stat(path)
   # Size and mtime in the hash: an edited file gets prepared afresh.
   key = f'{path}|{st.st_size}|{st.st_mtime_ns}'.encode()

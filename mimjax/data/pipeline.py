@@ -12,7 +12,15 @@ every file with an image extension is checked with PIL at startup. Unreadable
 or corrupt files are skipped rather than fatal: a warning gives their count and
 the first few paths, and `folder_info(...).num_skipped` exposes the count. Only
 when no readable image remains is it an error. PIL's check reads headers, so a
-file truncated after a valid header still passes it.
+file truncated after a valid header still passes it. A folder without class
+sub-folders is one unlabelled class (label 0), for pre-training only. Without
+an eval split sub-folder, the eval split is a seeded `holdout` fraction of the
+train split's images, and the train split the rest.
+
+Evaluators and analyses read a subset of a split (`eval_batches(...,
+limit=n)`): n examples drawn with a fixed seed from the whole split, the same
+in every run and on every process, never its first n (a folder is sorted by
+class).
 
 Why this module is long: it is the one path from every source (tfds, an
 image folder, one photo) to resumable per-process batches; split, the
@@ -34,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mimjax import errors
 from mimjax.data import augment
 from mimjax.data import builders
 
@@ -45,13 +54,15 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 # PIL formats that tf.io.decode_image reads (MPO: multi-picture JPEG).
 _PIL_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'GIF', 'WEBP')
 _SMALL = 64  # Eval images whose shorter side is below this are just resized.
+HOLDOUT_SEED = 0  # Which images of a folder are held out for evaluation.
+SUBSET_SEED = 0  # Which examples of a split an evaluator or analysis reads.
 
 
 @dataclasses.dataclass(frozen=True)
 class FolderInfo:
   """The readable images of one image folder and what was skipped."""
   directory: str
-  class_names: tuple[str, ...]
+  class_names: tuple[str, ...]  # (): no class sub-folders, every label 0.
   paths: tuple[str, ...]
   labels: tuple[int, ...]
   skipped: tuple[str, ...]
@@ -73,20 +84,20 @@ class _Source:
 def _folder_root(name: str) -> str | None:
   if not name.startswith('folder:'):
     return None
-  return os.path.expanduser(name[len('folder:'):])
+  return os.path.abspath(os.path.expanduser(name[len('folder:'):]))
 
 
 def _check_name(name: str) -> None:
   if name not in TFDS_NAMES and _folder_root(name) is None:
-    raise ValueError(f'Unknown dataset {name!r}: expected one of '
-                     f'{", ".join(TFDS_NAMES)} or folder:/path/to/root.')
+    raise errors.Invalid(f'Unknown dataset {name!r}: expected one of '
+                         f'{", ".join(TFDS_NAMES)} or folder:/path/to/root.')
 
 
 def _local_batch(global_batch: int) -> int:
   count = jax.process_count()
   if global_batch <= 0 or global_batch % count:
-    raise ValueError(f'Global batch {global_batch} is not a positive multiple '
-                     f'of the process count {count}.')
+    raise errors.Invalid(f'Global batch {global_batch} is not a positive '
+                         f'multiple of the process count {count}.')
   return global_batch // count
 
 
@@ -108,32 +119,34 @@ def folder_info(root: str, split: str = 'train') -> FolderInfo:
   """Lists and checks an image folder's split; unreadable files are skipped."""
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
-    raise ValueError(f'Image folder {root} does not exist.')
+    raise errors.Invalid(f'Image folder {root} does not exist.')
   directory = os.path.join(root, split)
   if not os.path.isdir(directory):
     directory = root
   class_names = tuple(sorted(
       d.name for d in os.scandir(directory)
       if d.is_dir() and not d.name.startswith('.')))
-  if not class_names:
-    raise ValueError(f'Image folder {directory} has no class sub-folders.')
+  image = lambda f: f.lower().endswith(IMAGE_EXTENSIONS) and f[0] != '.'
   candidates = []
+  if not class_names:  # A flat folder: one unlabelled class.
+    candidates = [(os.path.join(directory, f), 0)
+                  for f in sorted(os.listdir(directory)) if image(f)]
   for label, name in enumerate(class_names):
     for dirpath, _, filenames in sorted(
         os.walk(os.path.join(directory, name), followlinks=True)):
-      for f in sorted(filenames):
-        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'):
-          candidates.append((os.path.join(dirpath, f), label))
+      candidates += [(os.path.join(dirpath, f), label)
+                     for f in sorted(filenames) if image(f)]
   with concurrent.futures.ThreadPoolExecutor(32) as pool:
     ok = list(pool.map(_readable, [p for p, _ in candidates]))
   good = [c for c, k in zip(candidates, ok) if k]
   skipped = tuple(p for (p, _), k in zip(candidates, ok) if not k)
-  if skipped:
+  if skipped and jax.process_index() == 0:
     logging.warning('Image folder %s: skipped %d unreadable image(s), e.g. %s',
                     directory, len(skipped), ', '.join(skipped[:3]))
   if not good:
-    raise ValueError(f'Image folder {directory} has no readable images '
-                     f'({len(skipped)} skipped).')
+    raise errors.Invalid(f'Image folder {directory} has no readable images, '
+                         f'in class sub-folders or at its top '
+                         f'({len(skipped)} skipped).')
   return FolderInfo(directory, class_names, tuple(p for p, _ in good),
                     tuple(l for _, l in good), skipped)
 
@@ -143,21 +156,105 @@ def _decode_file(path):
                             expand_animations=False)
 
 
-def _folder_source(config, split: str, shard: bool) -> _Source:
+def _holds_out(config) -> bool:
+  """Whether a folder's eval split is held out of its train split."""
   root = _folder_root(config.name)
+  return (config.eval_split != config.train_split and
+          not os.path.isdir(os.path.join(root, config.eval_split)))
+
+
+@functools.lru_cache(maxsize=16)
+def _held_out(root: str, train: str, evals: str,
+              fraction: float) -> frozenset[int]:
+  """The indices into folder_info(root, train) held out as split `evals`."""
+  info = folder_info(root, train)
+  root = os.path.abspath(root)
+  if fraction <= 0:
+    raise errors.Invalid(f'Image folder {root} has no {evals}/ to evaluate on '
+                         f'and data.holdout is 0: add {evals}/, or set '
+                         f'data.holdout (e.g. 0.1) to hold out that fraction '
+                         f'of {info.directory}.')
+  n = len(info.paths)
+  count = round(fraction * n)
+  if not 0 < count < n:
+    raise errors.Invalid(f'Image folder {root}: data.holdout={fraction:g} of '
+                         f'its {n} images holds out {count}; evaluation and '
+                         f'training each need at least one.')
+  if jax.process_index() == 0:
+    logging.warning('data: folder %s has no %s/; holding out %g%% (%d images, '
+                    'seed %d) for evaluation', root, evals, 100 * fraction,
+                    count, HOLDOUT_SEED)
+  rng = np.random.default_rng(HOLDOUT_SEED)
+  return frozenset(rng.permutation(n)[:count].tolist())
+
+
+def _folder_split(config, split: str) -> tuple[FolderInfo, tuple, tuple]:
+  """(info, paths, labels) of a folder's `split`: its own sub-folder, else the
+  images held out of (or left in) the train split."""
+  root = _folder_root(config.name)
+  train, evals = config.train_split, config.eval_split
+  if _holds_out(config) and split in (train, evals):
+    info = folder_info(root, train)
+    if split == train and config.holdout <= 0:
+      return info, info.paths, info.labels
+    held = _held_out(root, train, evals, float(config.holdout))
+    rows = [i for i in range(len(info.paths))
+            if (i in held) == (split == evals)]
+    return (info, tuple(info.paths[i] for i in rows),
+            tuple(info.labels[i] for i in rows))
   info = folder_info(root, split)
-  if split != config.train_split:
-    classes = folder_info(root, config.train_split).class_names
-    if info.class_names != classes:
-      raise ValueError(f'Image folder {info.directory}: class sub-folders '
-                       f'differ from those of split {config.train_split!r}.')
-  paths, labels = info.paths, info.labels
+  if split != train:
+    if (os.path.isdir(os.path.join(root, split)) and
+        not os.path.isdir(os.path.join(root, train))):
+      raise errors.Invalid(f'Image folder {root} has {split}/ but no {train}/: '
+                           f'training would read {split}/ as a class.')
+    if info.class_names != folder_info(root, train).class_names:
+      raise errors.Invalid(f'Image folder {info.directory}: class sub-folders '
+                           f'differ from those of split {train!r}.')
+  return info, info.paths, info.labels
+
+
+def _folder_classes(config) -> FolderInfo:
+  info = folder_info(_folder_root(config.name), config.train_split)
+  if not info.class_names:
+    raise errors.Invalid(f'Image folder {info.directory} has no class '
+                         f'sub-folders: fine-tuning, linear probing and kNN '
+                         f'need one per class (a flat folder is for '
+                         f'pre-training).')
+  return info
+
+
+def check_folder(config, classes: bool, evaluates: bool) -> None:
+  """Refuses, in one line, an image folder a run cannot use: no readable
+  image, no class sub-folders where labels are needed (`classes`), no split
+  to evaluate on (`evaluates`). Prints the hold-out, if any, once."""
+  if classes:
+    _folder_classes(config)
+  _folder_split(config, config.train_split)
+  if evaluates:
+    _folder_split(config, config.eval_split)
+
+
+def _subset(items: tuple, limit: int | None) -> tuple:
+  """The first `limit` of `items` in an order drawn with SUBSET_SEED: a
+  smaller subset is the start of a larger one."""
+  if limit is None:
+    return items
+  pick = np.random.default_rng(SUBSET_SEED).permutation(len(items))[:limit]
+  return tuple(items[i] for i in pick)
+
+
+def _folder_source(config, split: str, shard: bool,
+                   subset: int | None = None) -> _Source:
+  _, paths, labels = _folder_split(config, split)
+  rows = _subset(tuple(zip(paths, labels)), subset)
   if shard:  # Strided, so that every process gets every class.
     i, count = jax.process_index(), jax.process_count()
-    paths, labels = paths[i::count], labels[i::count]
+    rows = rows[i::count]
   ds = tf.data.Dataset.from_tensor_slices(
-      {'image': list(paths), 'label': np.asarray(labels, np.int64)})
-  return _Source(ds, _decode_file, len(paths), shard)
+      {'image': tf.constant([p for p, _ in rows], tf.string),
+       'label': np.asarray([l for _, l in rows], np.int64)})
+  return _Source(ds, _decode_file, len(rows), shard)
 
 
 # tfds datasets.
@@ -207,48 +304,72 @@ def _as_dataset(builder, name: str, split: str, shard: bool,
     raise _not_prepared(name, _data_dir(builder)) from None
   except (KeyError, ValueError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    raise ValueError(f'{name}: cannot read split {split!r}: {first}') from None
+    raise errors.Invalid(f'{name}: cannot read split {split!r}: {first}') from None
 
 
-def _tfds_source(config, split: str, shard: bool, seed: int | None) -> _Source:
+def _tfds_source(config, split: str, shard: bool, seed: int | None,
+                 subset: int | None = None) -> _Source:
   builder = _builder(config)
   if config.name == 'one_image':
     # Its one example, for training and evaluation, on every process.
     split, shard = 'train', False
-  read_config = tfds.ReadConfig(
-      shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
-      try_autocache=False, skip_prefetch=True)
-  ds = _as_dataset(builder, config.name, split, shard,
-                   shuffle_files=seed is not None,
-                   read_config=read_config,
-                   decoders={'image': tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: {'image': ex['image'],
-                          'label': ex.get('label', tf.constant(0, tf.int64))})
-  feature = builder.info.features['image']
-  return _Source(ds, feature.decode_example, int(ds.cardinality()), shard)
+  decode = builder.info.features['image'].decode_example
+
+  def read(shard, seed):
+    read_config = tfds.ReadConfig(
+        shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
+        try_autocache=False, skip_prefetch=True)
+    ds = _as_dataset(builder, config.name, split, shard,
+                     shuffle_files=seed is not None, read_config=read_config,
+                     decoders={'image': tfds.decode.SkipDecoding()})
+    return ds.map(lambda ex: {
+        'image': ex['image'],
+        'label': ex.get('label', tf.constant(0, tf.int64))})
+
+  if subset is not None:
+    # The whole split in a seeded order (its files, then a buffer of
+    # shuffle_buffer examples), its first `subset`, dealt out to processes.
+    ds = read(False, SUBSET_SEED)
+    total = int(ds.cardinality())
+    if total < 0:
+      raise errors.Invalid(f'{config.name}: the size of split {split!r} is '
+                           f'unknown.')
+    subset = min(subset, total)
+    ds = ds.shuffle(max(1, min(total, config.shuffle_buffer)),
+                    seed=SUBSET_SEED,
+                    reshuffle_each_iteration=False).take(subset)
+    if not shard:
+      return _Source(ds, decode, subset, False)
+    i, count = jax.process_index(), jax.process_count()
+    ds = ds.enumerate().filter(lambda j, _: j % count == i)
+    size = subset // count + (i < subset % count)
+    return _Source(ds.map(lambda _, ex: ex), decode, size, True)
+  ds = read(shard, seed)
+  return _Source(ds, decode, int(ds.cardinality()), shard)
 
 
-def _source(config, split: str, shard: bool, seed: int | None = None):
+def _source(config, split: str, shard: bool, seed: int | None = None,
+            subset: int | None = None):
   _check_name(config.name)
   if _folder_root(config.name) is not None:
-    return _folder_source(config, split, shard)
-  return _tfds_source(config, split, shard, seed)
+    return _folder_source(config, split, shard, subset)
+  return _tfds_source(config, split, shard, seed, subset)
 
 
 def num_examples(config, split: str) -> int:
   """Examples in `split` over all processes (1 for one_image)."""
   src = _source(config, split, shard=False)
   if src.size < 0:
-    raise ValueError(f'{config.name}: the size of split {split!r} is unknown.')
+    raise errors.Invalid(f'{config.name}: the size of split {split!r} is '
+                         f'unknown.')
   return src.size
 
 
 def num_classes(config) -> int:
   """Number of labels (1 for one_image)."""
   _check_name(config.name)
-  root = _folder_root(config.name)
-  if root is not None:
-    return len(folder_info(root, config.train_split).class_names)
+  if _folder_root(config.name) is not None:
+    return len(_folder_classes(config).class_names)
   if config.name == 'one_image':
     return 1
   return tfds.builder(config.name, data_dir=config.data_dir).info.features[
@@ -307,12 +428,14 @@ def train_batches(config, mode: str, global_batch: int, seed: int,
   normalised, and 'label' (b,) int32, from step `start_step` on."""
   mode = 'none' if mode == 'eval' else mode
   if mode not in MODES:
-    raise ValueError(f'Unknown mode {mode!r}: expected one of {MODES}.')
+    raise errors.Invalid(f'Unknown mode {mode!r}: expected one of {MODES}.')
   local_batch = _local_batch(global_batch)
+  if mode in ('finetune', 'linprobe') and _folder_root(config.name):
+    _folder_classes(config)
   src = _source(config, config.train_split, shard=True, seed=seed)
   if src.size == 0:
-    raise ValueError(f'{config.name}: split {config.train_split!r} has no '
-                     f'examples for process {jax.process_index()}.')
+    raise errors.Invalid(f'{config.name}: split {config.train_split!r} has no '
+                         f'examples for process {jax.process_index()}.')
   options, parallel = _options(config)
   run_seed = tf.constant([seed, jax.process_index()], tf.int64)
   start = start_step * local_batch
@@ -364,19 +487,32 @@ def train_batches(config, mode: str, global_batch: int, seed: int,
   return _numpy_iterator(ds.with_options(options))
 
 
-def eval_batches(config, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over the eval split in batches of this process's rows, padded;
-  'valid' (b,) bool marks the real examples, each seen by one process once."""
+def eval_batches(config, global_batch: int, split: str | None = None,
+                 limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the eval split (or `split`) in batches of this process's
+  rows, padded; 'valid' (b,) bool marks the real examples, each seen by one
+  process once. `limit`: only that many of the split's examples, drawn with
+  a fixed seed (SUBSET_SEED) from all of it, the same in every run."""
+  return _numpy_iterator(eval_dataset(config, global_batch, split, limit))
+
+
+def eval_dataset(config, global_batch: int, split: str | None = None,
+                 limit: int | None = None) -> tf.data.Dataset:
+  """`eval_batches` as a tf.data.Dataset: built once, read once per pass."""
   local_batch = _local_batch(global_batch)
-  split = config.eval_split
-  src = _source(config, split, shard=True)
+  split = split or config.eval_split
+  src = _source(config, split, shard=True, subset=limit)
   count = jax.process_count()
   if count == 1:
     per_process = src.size
   else:  # Shards differ by at most one example; every process pads to the max.
-    per_process = -(-num_examples(config, split) // count)
+    total = num_examples(config, split)
+    if limit is not None:
+      total = min(total, limit)
+    per_process = -(-total // count)
   if per_process < 0:
-    raise ValueError(f'{config.name}: the size of split {split!r} is unknown.')
+    raise errors.Invalid(f'{config.name}: the size of split {split!r} is '
+                         f'unknown.')
   num_batches = -(-per_process // local_batch)
   size = config.image_size
   options, parallel = _options(config)
@@ -395,4 +531,4 @@ def eval_batches(config, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
   ds = ds.map(example, num_parallel_calls=parallel, deterministic=True)
   ds = ds.concatenate(pad).take(num_batches * local_batch)
   ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
-  return _numpy_iterator(ds.with_options(options))
+  return ds.with_options(options)
