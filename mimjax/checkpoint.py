@@ -18,8 +18,11 @@ from absl import logging
 from etils import epath
 import flax.linen as nn
 import jax
+
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mimjax import errors
 
 
 def resolve(path) -> epath.Path:
@@ -38,20 +41,20 @@ def save_params(path: str, params, overwrite: bool = False) -> None:
   path = resolve(path)
   if path.exists():
     if not path.is_dir():
-      raise ValueError(f'{path} exists and is not a directory')
+      raise errors.Invalid(f'{path} exists and is not a directory')
     names = sorted(p.name for p in path.iterdir())
     if names and not overwrite:
-      raise ValueError(f'{path} exists and is not empty ({len(names)} '
-                       f'entries: {", ".join(names[:3])}); choose another '
-                       'directory, or --overwrite to replace a previous '
-                       'mimjax checkpoint there')
+      raise errors.Invalid(f'{path} exists and is not empty ({len(names)} '
+                           f'entries: {", ".join(names[:3])}); choose another '
+                           'directory, or --overwrite to replace a previous '
+                           'mimjax checkpoint there')
     foreign = foreign_entries(path)
     if foreign:
-      raise ValueError(f'{path} holds {", ".join(foreign[:3])}'
-                       f'{f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""}'
-                       ', which mimjax did not write; --overwrite replaces '
-                       'only a previous mimjax checkpoint: choose another '
-                       'directory')
+      raise errors.Invalid(f'{path} holds {", ".join(foreign[:3])}'
+                           f'{f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""}'
+                           ', which mimjax did not write; --overwrite '
+                           'replaces only a previous mimjax checkpoint: '
+                           'choose another directory')
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, jax.tree.map(np.asarray, params), force=True)
   if jax.process_index() == 0:
@@ -62,10 +65,10 @@ def load_params(path: str, like=None):
   """Reads a parameter tree saved by `save_params` (optionally shaped `like`)."""
   path = resolve(path)
   if not path.is_dir():
-    raise FileNotFoundError(f'no orbax checkpoint directory at {path}')
+    raise errors.Missing(f'no orbax checkpoint directory at {path}')
   intact, why = verify(path)
   if intact is False:
-    raise ValueError(f'checkpoint {path} is damaged: {why}')
+    raise errors.Invalid(f'checkpoint {path} is damaged: {why}')
   with ocp.StandardCheckpointer() as checkpointer:
     if like is None:
       return checkpointer.restore(path)
@@ -81,14 +84,15 @@ def check_compatible(expected, loaded, what: str = 'checkpoint'):
   flat_l = flatten(nn.meta.unbox(loaded))
   for path, leaf in flat_e.items():
     if path not in flat_l:
-      raise ValueError(f'{what} lacks parameter {path} {tuple(leaf.shape)}')
+      raise errors.Invalid(f'{what} lacks parameter {path} {tuple(leaf.shape)}')
     if tuple(flat_l[path].shape) != tuple(leaf.shape):
-      raise ValueError(
+      raise errors.Invalid(
           f'{what} parameter {path} has shape {tuple(flat_l[path].shape)}, '
           f'the model expects {tuple(leaf.shape)}')
   extra = sorted(set(flat_l) - set(flat_e))
   if extra:
-    raise ValueError(f'{what} has parameter {extra[0]} the model does not have')
+    raise errors.Invalid(f'{what} has parameter {extra[0]} the model does not '
+                         f'have')
 
 
 def flatten(tree, prefix='') -> dict:
@@ -104,7 +108,7 @@ def flatten(tree, prefix='') -> dict:
 # ------------------------------------------------------------- integrity
 
 CHECKSUMS = 'mimjax_checksums.json'  # in each step / params directory
-FINGERPRINT = 'fingerprint.json'  # in a stage's checkpoints/ (main.py)
+FINGERPRINT = 'fingerprint.json'  # in a stage's checkpoints/ (guard_stage)
 # What orbax writes at the top of a params checkpoint (save_params) before
 # mimjax wrote checksums next to it.
 _ORBAX_NAMES = ('_CHECKPOINT_METADATA', '_METADATA', '_sharding', 'd',
@@ -197,7 +201,7 @@ def _manifest(directory: epath.Path) -> tuple[dict, list[str], bool]:
       parts.add(part.get('part', 0))
       count = max(count, part.get('parts', 1))
     except (ValueError, KeyError, TypeError, AttributeError, OSError):
-      raise ValueError(f'{name} is unreadable') from None
+      raise errors.Invalid(f'{name} is unreadable') from None
   return files, names, parts == set(range(count))
 
 
@@ -273,9 +277,9 @@ def find_init(path: str, what: str = 'finetune.init') -> str:
   if where.is_file():
     return str(where)
   if not where.exists():
-    raise FileNotFoundError(f'{what}={path}: no such file or directory')
+    raise errors.Missing(f'{what}={path}: no such file or directory')
   if not where.is_dir():
-    raise ValueError(f'{what}={path} is neither a file nor a directory')
+    raise errors.Invalid(f'{what}={path} is neither a file nor a directory')
   names = {p.name for p in where.iterdir()}
   if (any(n.isdigit() for n in names) or '_CHECKPOINT_METADATA' in names
       or '_METADATA' in names):
@@ -283,8 +287,8 @@ def find_init(path: str, what: str = 'finetune.init') -> str:
   if 'checkpoints' in names:
     found = where / 'checkpoints'
     if not any(p.name.isdigit() for p in found.iterdir()):
-      raise FileNotFoundError(f'{what}={path}: {found} holds no checkpoint '
-                              'yet')
+      raise errors.Missing(f'{what}={path}: {found} holds no checkpoint '
+                           'yet')
     if found != where:
       logging.info('%s=%s: using its checkpoints %s', what, path, found)
     return str(found)
@@ -292,12 +296,12 @@ def find_init(path: str, what: str = 'finetune.init') -> str:
   if 'pretrain' in stages:
     return find_init(str(where / 'pretrain'), what)
   if stages:
-    raise ValueError(f'{what}={path} is a run directory without pre-training;'
-                     ' name the checkpoints to use, e.g. '
-                     f'{where / stages[0] / "checkpoints"}')
-  raise ValueError(f"{what}={path} holds no checkpoint: give a run's "
-                   '<stage>/checkpoints directory, a directory written by '
-                   'mimjax-convert, or a .pth file')
+    raise errors.Invalid(f'{what}={path} is a run directory without '
+                         f'pre-training; name the checkpoints to use, e.g. '
+                         f'{where / stages[0] / "checkpoints"}')
+  raise errors.Invalid(f"{what}={path} holds no checkpoint: give a run's "
+                       '<stage>/checkpoints directory, a directory written by '
+                       'mimjax-convert, or a .pth file')
 
 
 def latest_step(directory) -> int | None:
@@ -311,7 +315,7 @@ def latest_step(directory) -> int | None:
 
 def init_identity(path: str | None) -> dict:
   """What a stage was initialised from: the path, and for a mimjax run its
-  step and the digest of its own fingerprint (main.py compares these)."""
+  step and the digest of its own fingerprint (training/pipeline.guard_stage compares these)."""
   if not path:
     return {'init_from': 'random'}
   where = resolve(path)
@@ -437,7 +441,7 @@ class Checkpoints:
       damaged.append(f'{step} ({why})')
       self._set_aside(step, why)
     if damaged:
-      raise ValueError(
+      raise errors.Invalid(
           f'no checkpoint in {self.directory} verifies: step '
           f'{", ".join(damaged)} moved to {self.aside}; run again to start '
           'this stage from scratch')
@@ -486,9 +490,9 @@ class Checkpoints:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f'cannot restore checkpoint step {step} from '
-                       f'{self.directory}: {type(e).__name__}: '
-                       f'{str(e).splitlines()[0] if str(e) else ""}') from e
+      raise errors.Invalid(f'cannot restore checkpoint step {step} from '
+                           f'{self.directory}: {type(e).__name__}: '
+                           f'{str(e).splitlines()[0] if str(e) else ""}') from e
     return restored.state, restored.meta
 
   def wait(self):
@@ -515,15 +519,22 @@ def load_state_params(directory: str, step: int | None = None):
   with ocp.CheckpointManager(directory) as manager:
     step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f'no checkpoint in {directory}')
+    raise errors.Missing(f'no checkpoint in {directory}')
   intact, why = verify(directory / str(step))
   if intact is False:
-    raise ValueError(f'checkpoint step {step} in {directory} is damaged: '
-                     f'{why}')
+    raise errors.Invalid(f'checkpoint step {step} in {directory} is damaged: '
+                         f'{why}')
   path = directory / str(step) / 'state'
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  # The item's own tree metadata, from its handler: a Checkpointer's
+  # `metadata` would also look for the step's _CHECKPOINT_METADATA inside
+  # the item directory (it is one level up) and warn that it is missing.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    stored = handler.metadata(path).tree
+  finally:
+    handler.close()
   with ocp.PyTreeCheckpointer() as checkpointer:
-    stored = checkpointer.metadata(path).item_metadata.tree
     target = {'params': jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
         dict(stored)['params'])}

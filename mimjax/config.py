@@ -11,10 +11,11 @@ import difflib
 import json
 import os
 
+import jax
 import ml_collections as mlc
 from ml_collections import config_dict
 
-from mimjax import build, masking, objectives, sharding, views
+from mimjax import build, errors, masking, objectives, sharding, views
 from mimjax.models import vit
 
 MODES = ('pretrain', 'finetune', 'linprobe', 'eval', 'analyze', 'pipeline')
@@ -25,6 +26,9 @@ def data_config(**overrides) -> mlc.ConfigDict:
   c = mlc.ConfigDict(dict(
       name='digits', data_dir=config_dict.placeholder(str), image_size=32,
       train_split='train', eval_split='test', one_image_path='',
+      # folder: without an eval_split sub-folder, this fraction of train_split
+      # is held out (seeded) for evaluation; 0: refused where evaluated.
+      holdout=0.1,
       prepare=True, shuffle_buffer=10_000, num_parallel=-1,  # -1: autotune
       randaug=True, erase_prob=0.25,
       min_scale=0.0,  # RandomResizedCrop; 0: 0.2 pretrain, 0.08 otherwise
@@ -47,9 +51,11 @@ def base_config() -> mlc.ConfigDict:
   c.data = data_config()
   # remat_policy: what a rematerialised block keeps for the backward pass
   # (with remat=True), a name in jax.checkpoint_policies (vit.REMAT_POLICIES).
+  # attention: 'xla', 'cudnn' (GPUs, bfloat16/float16) or 'auto', cuDNN's
+  # where it runs (vit.resolve_attention).
   c.model = mlc.ConfigDict(dict(
       size='B', patch_size=16, norm_eps=1e-6, scan=False, remat=False,
-      remat_policy='nothing_saveable', dtype='float32'))
+      remat_policy='nothing_saveable', dtype='float32', attention='auto'))
 
   c.pretrain = mlc.ConfigDict(dict(
       data=data_config(),  # what is pre-trained on
@@ -96,63 +102,78 @@ def base_config() -> mlc.ConfigDict:
   return c
 
 
-def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1):
+def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1,
+             platform: str | None = None):
   """One clear line per impossible value, raised before anything compiles.
 
-  num_granules: TPU slices or hosts (sharding.topology).
+  num_granules: TPU slices or hosts (sharding.topology). platform: the
+  devices' ('cpu', 'gpu', 'tpu'); None: jax.devices()'s.
   """
   if config.mode not in MODES:
-    raise ValueError(f'mode must be one of {MODES}, got {config.mode!r}')
+    raise errors.Invalid(f'mode must be one of {MODES}, got {config.mode!r}')
   check_counts(config)
   check_profile_steps(config.get('profile_steps'))
   vit.preset(config.model.size)
   vit.checkpoint_policy(build.remat_policy(config.model))
+  attention = build.attention_choice(config.model)
+  if attention == 'cudnn' and platform is None:
+    platform = jax.devices()[0].platform
+  vit.check_attention(attention, config.model.dtype, platform)
   mesh, _ = sharding.mesh_shapes(config.mesh, config.mesh_dcn, num_devices,
                                  num_granules, config.model.size)
   data_parallel = mesh[0] * mesh[1]
   width, _, heads = vit.PRESETS[config.model.size]
   if width % mesh[2] or heads % mesh[2]:
-    raise ValueError(f'tensor axis {mesh[2]} does not divide the {heads} '
-                     f'heads and width {width} of ViT-{config.model.size}')
+    raise errors.Invalid(f'tensor axis {mesh[2]} does not divide the {heads} '
+                         f'heads and width {width} of ViT-{config.model.size}')
   decoder = config.pretrain.decoder
   if config.mode in ('pretrain', 'pipeline') and (
       decoder.width % mesh[2] or decoder.num_heads % mesh[2]):
-    raise ValueError(f'tensor axis {mesh[2]} does not divide the '
-                     f'{decoder.num_heads} heads and width {decoder.width} '
-                     'of the decoder (pretrain.decoder)')
+    raise errors.Invalid(f'tensor axis {mesh[2]} does not divide the '
+                         f'{decoder.num_heads} heads and width {decoder.width} '
+                         'of the decoder (pretrain.decoder)')
   p = config.model.patch_size
   for where, data in (('data', config.data), ('pretrain.data',
                                               config.pretrain.data)):
     if data.image_size % p:
-      raise ValueError(f'{where}.image_size {data.image_size} is not '
-                       f'divisible by model.patch_size {p}')
+      raise errors.Invalid(f'{where}.image_size {data.image_size} is not '
+                           f'divisible by model.patch_size {p}')
   masking.check_ratio(config.pretrain.mask_ratio)
   check_data(config)
   check_visible(config)
   check_inits(config)
   if config.linprobe.optimizer not in ('lars', 'adamw'):
-    raise ValueError("linprobe.optimizer must be 'lars' or 'adamw', got "
-                     f'{config.linprobe.optimizer!r}')
+    raise errors.Invalid("linprobe.optimizer must be 'lars' or 'adamw', got "
+                         f'{config.linprobe.optimizer!r}')
   if config.analyze.examples < 4:
-    raise ValueError('analyze.examples must be at least 4 (CKA needs them), '
-                     f'got {config.analyze.examples}')
+    raise errors.Invalid('analyze.examples must be at least 4 (CKA needs '
+                         f'them), got {config.analyze.examples}')
   if not 0.0 < config.analyze.mask_ratio < 1.0:
-    raise ValueError('analyze.mask_ratio must be in (0, 1), got '
-                     f'{config.analyze.mask_ratio}')
+    raise errors.Invalid('analyze.mask_ratio must be in (0, 1), got '
+                         f'{config.analyze.mask_ratio}')
   if config.pretrain.objective not in objectives.REGISTRY:
-    raise ValueError(f'unknown pretrain.objective '
-                     f'{config.pretrain.objective!r}; known: '
-                     f'{sorted(objectives.REGISTRY)}')
+    raise errors.Invalid(f'unknown pretrain.objective '
+                         f'{config.pretrain.objective!r}; known: '
+                         f'{sorted(objectives.REGISTRY)}')
   if config.mode in ('pretrain', 'pipeline'):
     check_transform(config.pretrain)
   for stage in ('pretrain', 'finetune', 'linprobe'):
     batch = config[stage].batch_size
     if batch % data_parallel:
-      raise ValueError(f'{stage}.batch_size {batch} is not divisible by the '
-                       f'data-parallel size {data_parallel} (mesh {mesh})')
+      raise errors.Invalid(f'{stage}.batch_size {batch} is not divisible by '
+                           f'the data-parallel size {data_parallel} (mesh '
+                           f'{mesh})')
+    accumulate = config[stage].get('accumulate', 1)
+    if batch % (accumulate * data_parallel):
+      raise errors.Invalid(f'{stage}.batch_size {batch} is not divisible by '
+                           f'{stage}.accumulate {accumulate} x the '
+                           f'data-parallel size {data_parallel} = '
+                           f'{accumulate * data_parallel}: each micro-batch '
+                           '(batch_size / accumulate images) is split over '
+                           'the data-parallel devices')
   if config.eval_batch_size % data_parallel:
-    raise ValueError(f'eval_batch_size {config.eval_batch_size} is not '
-                     f'divisible by the data-parallel size {data_parallel}')
+    raise errors.Invalid(f'eval_batch_size {config.eval_batch_size} is not '
+                         f'divisible by the data-parallel size {data_parallel}')
 
 
 # ------------------------------------------------ refused before any work
@@ -179,27 +200,28 @@ def check_counts(config):
                      'every one, the last included'),
                     ('eval_batch_size', 'images per eval batch')):
     if config[key] < 1:
-      raise ValueError(f'{key} must be at least 1 ({what}), got {config[key]}')
+      raise errors.Invalid(f'{key} must be at least 1 ({what}), got '
+                           f'{config[key]}')
   if config.stop_at_step < 0:
-    raise ValueError(f'stop_at_step must be >= 0 (0: run to the end), got '
-                     f'{config.stop_at_step}')
+    raise errors.Invalid(f'stop_at_step must be >= 0 (0: run to the end), got '
+                         f'{config.stop_at_step}')
   for stage in STAGES:
     c = config[stage]
     if c.batch_size < 1:
-      raise ValueError(f'{stage}.batch_size must be at least 1, got '
-                       f'{c.batch_size}')
+      raise errors.Invalid(f'{stage}.batch_size must be at least 1, got '
+                           f'{c.batch_size}')
     for key in ('steps', 'epochs', 'warmup_steps', 'warmup_epochs',
                 'eval_every', 'knn_every', 'recon_every'):
       if key in c and c[key] < 0:
-        raise ValueError(f'{stage}.{key} must be >= 0, got {c[key]}')
+        raise errors.Invalid(f'{stage}.{key} must be >= 0, got {c[key]}')
     if c.get('accumulate', 1) < 1:
-      raise ValueError(f'{stage}.accumulate must be at least 1, got '
-                       f'{c.accumulate}')
+      raise errors.Invalid(f'{stage}.accumulate must be at least 1, got '
+                           f'{c.accumulate}')
   for stage in stages_run(config):
     c = config[stage]
     if not c.steps and not c.epochs:
-      raise ValueError(f'{stage} would train nothing: {stage}.steps and '
-                       f'{stage}.epochs are both 0')
+      raise errors.Invalid(f'{stage} would train nothing: {stage}.steps and '
+                           f'{stage}.epochs are both 0')
 
 
 def check_profile_steps(steps):
@@ -208,34 +230,67 @@ def check_profile_steps(steps):
     return
   if (not isinstance(steps, (tuple, list)) or len(steps) != 2 or
       not all(isinstance(s, int) and not isinstance(s, bool) for s in steps)):
-    raise ValueError(f'profile_steps must be (first, last) training steps, '
-                     f'e.g. (10, 12), or None; got {steps!r}')
+    raise errors.Invalid(f'profile_steps must be (first, last) training steps, '
+                         f'e.g. (10, 12), or None; got {steps!r}')
   first, last = steps
   if not 1 <= first <= last:
-    raise ValueError(f'profile_steps {tuple(steps)} must have 1 <= first <= '
-                     'last (1-based training steps, both traced)')
+    raise errors.Invalid(f'profile_steps {tuple(steps)} must have 1 <= first '
+                         f'<= last (1-based training steps, both traced)')
 
 
 def check_data(config):
-  """Dataset names (with a suggestion for a typo), image folders and the
+  """Dataset names (with a suggestion for a typo), image folders (their
+  images, classes where labels are needed, a split to evaluate on) and the
   one-image photo, for every data config the mode reads."""
-  used = [('data', config.data)]
-  if 'pretrain' in stages_run(config):
-    used.append(('pretrain.data', config.pretrain.data))
-  for where, data in used:
+  stages = stages_run(config)
+  # config.data's labels: fine-tuning, probing, eval and kNN; its eval split:
+  # those and the analyses.
+  classes = (bool({'finetune', 'linprobe'} & set(stages)) or
+             config.mode == 'eval' or
+             ('pretrain' in stages and config.pretrain.knn_every > 0))
+  evaluates = classes or config.mode == 'analyze' or (
+      config.mode == 'pipeline' and config.analyze.enabled)
+  used = [('data', config.data, classes, evaluates)]
+  if 'pretrain' in stages:
+    used.append(('pretrain.data', config.pretrain.data, False, False))
+  for where, data, _, _ in used:
+    if not 0 <= data.holdout < 1:
+      raise errors.Invalid(f'{where}.holdout must be in [0, 1), got '
+                           f'{data.holdout}')
+  if len(used) == 2 and evaluates:
+    check_same_holdout(config.data, config.pretrain.data)
+  for where, data, labels, evaluated in used:
     name = data.name
     if name.startswith('folder:'):
       root = os.path.expanduser(name[len('folder:'):])
       if not os.path.isdir(root):
-        raise ValueError(f'{where}.name={name!r}: no directory at {root}')
+        raise errors.Invalid(f'{where}.name={name!r}: no directory at {root}')
+      if labels or evaluated or where != 'data':
+        from mimjax.data import pipeline  # pylint: disable=g-import-not-at-top
+        pipeline.check_folder(data, labels, evaluated)
     elif name not in DATASETS:
       close = difflib.get_close_matches(name, DATASETS, n=1)
       hint = f'did you mean {close[0]!r}? ' if close else ''
-      raise ValueError(f'unknown dataset {where}.name={name!r}; {hint}known: '
-                       f'{", ".join(DATASETS)} or folder:/path/to/root')
+      raise errors.Invalid(f'unknown dataset {where}.name={name!r}; '
+                           f'{hint}known: {", ".join(DATASETS)} or '
+                           f'folder:/path/to/root')
     elif name == 'one_image' and data.one_image_path:
       check_photo(data.one_image_path, config.model.patch_size,
                   f'{where}.one_image_path')
+
+
+def check_same_holdout(data, pretrain):
+  """Pre-training on one folder must hold out what evaluation reads."""
+  if not (data.name == pretrain.name and data.name.startswith('folder:')):
+    return
+  root = os.path.expanduser(data.name[len('folder:'):])
+  held = (data.eval_split != data.train_split and
+          not os.path.isdir(os.path.join(root, data.eval_split)))
+  if held and data.holdout != pretrain.holdout:
+    raise errors.Invalid(f'data.holdout={data.holdout:g} but pretrain.data.'
+                         f'holdout={pretrain.holdout:g} on the one folder '
+                         f'{root}: pre-training would see images that are '
+                         'evaluated; set them alike')
 
 
 def check_photo(path: str, min_side: int, what: str = 'one_image_path'):
@@ -243,19 +298,19 @@ def check_photo(path: str, min_side: int, what: str = 'one_image_path'):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   full = os.path.abspath(os.path.expanduser(path))
   if not os.path.isfile(full):
-    raise ValueError(f'{what}: no file at {full}')
+    raise errors.Invalid(f'{what}: no file at {full}')
   try:
     with Image.open(full) as im:
       im.verify()
     with Image.open(full) as im:
       size = im.size
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'{what}: {full} is not an image PIL can read '
-                     f'({type(e).__name__})') from None
+    raise errors.Invalid(f'{what}: {full} is not an image PIL can read '
+                         f'({type(e).__name__})') from None
   if min(size) < min_side:
-    raise ValueError(f'{what}: {full} is {size[0]}x{size[1]} pixels, smaller '
-                     f'than one {min_side}x{min_side} patch: every crop of it '
-                     'would be nearly constant')
+    raise errors.Invalid(f'{what}: {full} is {size[0]}x{size[1]} pixels, '
+                         f'smaller than one {min_side}x{min_side} patch: '
+                         f'every crop of it would be nearly constant')
 
 
 def check_visible(config):
@@ -273,9 +328,9 @@ def check_visible(config):
   for key, ratio, size in checks:
     patches = (size // p) ** 2
     if masking.num_kept(patches, ratio) < 1:
-      raise ValueError(f'{key}={ratio} leaves no patch visible of the '
-                       f'{patches} in a {size}x{size} image (patch {p}); '
-                       f'a ratio below {1 - 1 / patches:.4g} keeps one')
+      raise errors.Invalid(f'{key}={ratio} leaves no patch visible of the '
+                           f'{patches} in a {size}x{size} image (patch {p}); '
+                           f'a ratio below {1 - 1 / patches:.4g} keeps one')
 
 
 def check_inits(config):
@@ -303,28 +358,29 @@ def check_workdir(workdir: str):
   while not os.path.lexists(probe):
     probe = os.path.dirname(probe)
   if not os.path.isdir(probe):
-    raise ValueError(f'workdir {workdir}: {probe} is a file, not a directory')
+    raise errors.Invalid(f'workdir {workdir}: {probe} is a file, not a '
+                         f'directory')
   if not os.access(probe, os.W_OK | os.X_OK):
-    raise ValueError(f'workdir {workdir}: {probe} is not writable')
+    raise errors.Invalid(f'workdir {workdir}: {probe} is not writable')
   try:
     stats = os.statvfs(probe)
   except OSError:
     return
   if stats.f_bavail * stats.f_frsize < (1 << 20):
-    raise ValueError(f'workdir {workdir}: the file system of {probe} is full '
-                     f'({stats.f_bavail * stats.f_frsize} bytes free)')
+    raise errors.Invalid(f'workdir {workdir}: the file system of {probe} is '
+                         f'full ({stats.f_bavail * stats.f_frsize} bytes free)')
 
 
 # ------------------------------------------------ what defines a stage
 
-# Keys that may change when a stage resumes (main.guard_stage): cadences,
+# Keys that may change when a stage resumes (training/pipeline.guard_stage): cadences,
 # where the data lives, how the run is laid out on devices, and a longer
 # run (`GROWABLE`, not a shorter one). Top-level keys other than `seed`
 # (stop_at_step, log_every, checkpoint_every, keep_checkpoints,
 # eval_batch_size, mesh, mesh_dcn, sharding_rules, mode, overwrite,
 # analyze.*, reference.*) are not part of any stage's fingerprint.
 RESUMABLE = ('data_dir', 'prepare', 'num_parallel', 'remat', 'remat_policy',
-             'eval_every',
+             'attention', 'eval_every',
              'knn_every', 'knn_k', 'knn_examples', 'recon_every', 'init',
              'enabled', 'scratch_baseline', 'scratch_layer_decay')
 GROWABLE = ('steps', 'epochs')
@@ -353,17 +409,32 @@ def stage_fingerprint(config, kind: str) -> dict:
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:
   """'key old -> new' for each key that differs and may not (RESUMABLE and
-  GROWABLE excepted)."""
+  GROWABLE excepted). A key added to the schema after `old` was written
+  matches at its default."""
   changes = []
   for key in sorted(set(old) | set(new)):
     a, b = old.get(key, '<unset>'), new.get(key, '<unset>')
     if a == b or key.rsplit('.', 1)[-1] in RESUMABLE:
+      continue
+    if key not in old and b == _schema_default(key):
       continue
     if (key.rsplit('.', 1)[-1] in GROWABLE and isinstance(a, (int, float))
         and isinstance(b, (int, float)) and b >= a):
       continue
     changes.append(f'{key} {a!r} -> {b!r}')
   return changes
+
+
+def _schema_default(key: str):
+  """base_config()'s value at a dotted key, as JSON stores it; None where
+  the schema has no such key."""
+  node = base_config()
+  try:
+    for part in key.split('.'):
+      node = node[part]
+  except (KeyError, AttributeError, TypeError):
+    return None
+  return json.loads(json.dumps(node, default=str))
 
 
 POSITIONAL = ('mae', 'siamese', 'rmae')  # compare pixels patch by patch
@@ -374,32 +445,32 @@ def check_transform(c: mlc.ConfigDict):
   why (docs/objectives.md, "The transform x similarity matrix")."""
   view_fn = views.get(c.views, **c.view_kwargs.to_dict())
   if c.mask not in masking.NUM_VIEWS:
-    raise ValueError(f'unknown pretrain.mask {c.mask!r}; known: '
-                     f'{sorted(masking.NUM_VIEWS)}')
+    raise errors.Invalid(f'unknown pretrain.mask {c.mask!r}; known: '
+                         f'{sorted(masking.NUM_VIEWS)}')
   crops = view_fn is not None
   num_views, aligned = views.layout(view_fn)
   masks = masking.NUM_VIEWS[c.mask] or (num_views if crops else 2)
   what = f'pretrain.views={c.views!r} with pretrain.mask={c.mask!r}'
   if c.mask == 'none' and not crops:
-    raise ValueError(f'{what} gives identical views: nothing to learn; use '
-                     "views='crops' or a mask that hides patches")
+    raise errors.Invalid(f'{what} gives identical views: nothing to learn; use '
+                         "views='crops' or a mask that hides patches")
   if crops and masks != num_views and c.mask != 'none':
-    raise ValueError(f'{what}: {num_views} crops need one mask each; use '
-                     "mask='independent' (crop + mask) or 'none'")
+    raise errors.Invalid(f'{what}: {num_views} crops need one mask each; use '
+                         "mask='independent' (crop + mask) or 'none'")
   name = c.objective
   level = c.objective_kwargs.get('level', 'patch')
   if name == 'siamese' and c.objective_kwargs.get('oracle', False):
     name = 'mae'
   if name != 'mae' and masks < 2:
-    raise ValueError(f'pretrain.objective={name!r} compares two views; '
-                     f'{what} gives one')
+    raise errors.Invalid(f'pretrain.objective={name!r} compares two views; '
+                         f'{what} gives one')
   patchwise = name in POSITIONAL or (name == 'cmae' and level == 'patch')
   if patchwise and name != 'mae' and not aligned:
-    raise ValueError(
+    raise errors.Invalid(
         f'pretrain.objective={name!r} compares the views patch by patch, '
         f'but {what} makes crops whose positions do not correspond (mimjax '
         "does not align crops by their boxes); use cmae level='image' or "
         'simsiam, or views without crops and flips')
   if patchwise and c.mask == 'none':
-    raise ValueError(f'pretrain.objective={name!r} predicts hidden patches; '
-                     f'{what} hides none')
+    raise errors.Invalid(f'pretrain.objective={name!r} predicts hidden '
+                         f'patches; {what} hides none')

@@ -7,6 +7,8 @@ import socket
 import sys
 import threading
 
+from mimjax import errors
+
 
 def initialize():
   """Joins a multi-process job when the environment asks for one.
@@ -26,15 +28,15 @@ def initialize():
     missing = [v for v in ('MIMJAX_NUM_PROCESSES', 'MIMJAX_PROCESS_ID')
                if v not in os.environ]
     if missing:
-      raise ValueError(f'MIMJAX_COORDINATOR is set but {", ".join(missing)} '
-                       'is not')
+      raise errors.Invalid(f'MIMJAX_COORDINATOR is set but '
+                           f'{", ".join(missing)} is not')
     kwargs = dict(coordinator_address=coordinator,
                   num_processes=_env_int('MIMJAX_NUM_PROCESSES', None),
                   process_id=_env_int('MIMJAX_PROCESS_ID', None))
     if not 0 <= kwargs['process_id'] < kwargs['num_processes']:
-      raise ValueError(f'MIMJAX_PROCESS_ID={kwargs["process_id"]} is not in '
-                       f'0 ... MIMJAX_NUM_PROCESSES-1 = '
-                       f'{kwargs["num_processes"] - 1}')
+      raise errors.Invalid(f'MIMJAX_PROCESS_ID={kwargs["process_id"]} is not '
+                           f'in 0 ... MIMJAX_NUM_PROCESSES-1 = '
+                           f'{kwargs["num_processes"] - 1}')
   timeout = _env_int('MIMJAX_INIT_TIMEOUT', 300)
   # JAX aborts the process with a C++ stack trace when the job does not
   # assemble in time; this watchdog says why first, then exits.
@@ -55,7 +57,7 @@ def _env_int(name: str, default: int | None) -> int:
   try:
     return int(value)
   except ValueError:
-    raise ValueError(f'{name}={value!r} is not a whole number') from None
+    raise errors.Invalid(f'{name}={value!r} is not a whole number') from None
 
 
 def _not_assembled(timeout: int, kwargs: dict):

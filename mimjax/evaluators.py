@@ -1,13 +1,16 @@
 """Evaluators the training loop runs: kNN, classification, reconstructions.
 
 Each has `every` (steps between runs; it also runs at a stage's last step)
-and `run(step, state, writer) -> dict` of scalars; the loop runs them all
-the same way. They read the eval split through `analysis.stream`, as the
-analyses (analysis/report.py) do.
+and `run(step, state, writer) -> dict` of scalars. The loop runs them on
+every process, alike. Each compiles its program once, reads its data once
+(at its first run, so building a recipe reads nothing), runs on the state's
+own shardings, and gathers to the host only what it reports or draws
+(process 0 writes the files).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable
 
@@ -21,35 +24,49 @@ from mimjax.analysis import knn, visualize
 from mimjax.analysis.stream import eval_stream, gathered
 
 
+def _subset_batches(data_cfg, batch_size: int, split: str,
+                    limit: int) -> list[dict]:
+  """This process's rows of eval batches of `limit` examples of `split`,
+  drawn with a fixed seed from all of it, kept on the host."""
+  return list(data_lib.eval_batches(data_cfg, batch_size, split, limit))
+
+
 class Knn:
   """kNN top-1 (%) of the encoder's mean patch token, bank from the train
-  split, queries from the eval split (`knn_examples` of each)."""
+  split, queries from the eval split (`knn_examples` of each, drawn with a
+  fixed seed)."""
 
   def __init__(self, config, encoder, mesh, rules, every: int):
     self.config, self.mesh, self.rules, self.every = config, mesh, rules, every
     self.encode = jax.jit(lambda p, x: encoder.apply(
         {'params': p['encoder']}, x)['tokens'][:, 1:].mean(axis=1))
 
-  def _features(self, params, split: str):
+  @functools.cached_property
+  def images(self) -> tuple[list[dict], list[dict]]:
+    """(bank, queries): this process's rows, read once."""
     c = self.config
+    return tuple(_subset_batches(c.data, c.eval_batch_size, split,
+                                 c.pretrain.knn_examples)
+                 for split in (c.data.train_split, c.data.eval_split))
+
+  def _features(self, params, batches):
     feats, labels = [], []
     with sharding.active(self.mesh, self.rules):
-      for _, g, valid in eval_stream(c.data, c.eval_batch_size, self.mesh,
-                                     split, c.pretrain.knn_examples):
+      for _, g, valid in eval_stream(None, self.config.eval_batch_size,
+                                     self.mesh, batches=batches):
         f, label = gathered((self.encode(params, g['image']), g['label']))
         feats.append(f[valid])
         labels.append(label[valid])
-    limit = c.pretrain.knn_examples
+    limit = self.config.pretrain.knn_examples
     return np.concatenate(feats)[:limit], np.concatenate(labels)[:limit]
 
   def run(self, step, state, writer) -> dict:
     del step, writer
-    c = self.config
-    bank = self._features(state.params, c.data.train_split)
-    query = self._features(state.params, c.data.eval_split)
+    bank, query = self.images
     return {'knn_top1': knn.knn_accuracy(
-        *bank, *query, k=c.pretrain.knn_k,
-        num_classes=data_lib.num_classes(c.data))}
+        *self._features(state.params, bank),
+        *self._features(state.params, query), k=self.config.pretrain.knn_k,
+        num_classes=data_lib.num_classes(self.config.data))}
 
 
 def _accuracy_counts(logits, labels, valid):
@@ -59,62 +76,89 @@ def _accuracy_counts(logits, labels, valid):
   return {'correct1': hit1.sum(), 'correct5': hit5.sum(), 'count': valid.sum()}
 
 
-def classification(logits_fn, params, config, mesh, rules) -> dict:
-  """Top-1 / top-5 (%) over the whole eval split, every example once.
-  `logits_fn(params, images) -> logits`."""
-  counts_fn = jax.jit(lambda p, x, y, v: _accuracy_counts(logits_fn(p, x), y,
-                                                          v))
-  totals = {'correct1': 0, 'correct5': 0, 'count': 0}
-  with sharding.active(mesh, rules):
-    for _, g, _ in eval_stream(config.data, config.eval_batch_size, mesh):
-      counts = jax.device_get(counts_fn(params, g['image'], g['label'],
-                                        g['valid']))
-      totals = {k: totals[k] + int(counts[k]) for k in totals}
-  n = max(totals['count'], 1)
-  return {'top1': 100.0 * totals['correct1'] / n,
-          'top5': 100.0 * totals['correct5'] / n,
-          'eval_examples': totals['count']}
-
-
 class Classification:
-  """`classification` of the state; `logits_fn(state)` gives the
-  (params, images) -> logits function (it may use state.extra)."""
+  """Top-1 / top-5 (%) over the whole eval split, every example once.
+  `logits_fn(params, extra, images) -> logits` (extra: state.extra, e.g.
+  the probe's BatchNorm statistics)."""
 
   def __init__(self, config, logits_fn: Callable, mesh, rules, every: int):
-    self.config, self.logits_fn = config, logits_fn
-    self.mesh, self.rules, self.every = mesh, rules, every
+    self.config, self.mesh, self.rules, self.every = config, mesh, rules, every
+    self.counts = jax.jit(
+        lambda p, e, x, y, v: _accuracy_counts(logits_fn(p, e, x), y, v),
+        out_shardings=sharding.replicated(mesh))
+
+  @functools.cached_property
+  def dataset(self):
+    """The eval split's tf.data pipeline, built once, read at each run."""
+    return data_lib.eval_dataset(self.config.data, self.config.eval_batch_size)
+
+  def evaluate(self, params, extra=None) -> dict:
+    totals = {'correct1': 0, 'correct5': 0, 'count': 0}
+    with sharding.active(self.mesh, self.rules):
+      for _, g, _ in eval_stream(None, self.config.eval_batch_size, self.mesh,
+                                 batches=self.dataset.as_numpy_iterator()):
+        counts = jax.device_get(self.counts(params, extra, g['image'],
+                                            g['label'], g['valid']))
+        totals = {k: totals[k] + int(counts[k]) for k in totals}
+    n = max(totals['count'], 1)
+    return {'top1': 100.0 * totals['correct1'] / n,
+            'top5': 100.0 * totals['correct5'] / n,
+            'eval_examples': totals['count']}
 
   def run(self, step, state, writer) -> dict:
     del step, writer
-    return classification(self.logits_fn(state), state.params, self.config,
-                          self.mesh, self.rules)
+    return self.evaluate(state.params, state.extra)
 
 
 class Reconstructions:
   """original | masked | prediction grids of 8 training images, as a PNG in
   the workdir and an image in TensorBoard (pixel-head decoders only)."""
 
-  def __init__(self, config, model: mim.MIM, workdir: str, every: int):
-    self.config, self.model, self.workdir, self.every = (config, model,
-                                                         workdir, every)
+  SHOWN = 8
+
+  def __init__(self, config, model: mim.MIM, mesh, rules, workdir: str,
+               every: int):
+    self.mesh, self.rules, self.workdir, self.every = mesh, rules, workdir, every
+    c, p = config.pretrain, config.model.patch_size
+    self.data, self.patch = c.data, p
+    self.norm_pix = c.objective_kwargs.get('norm_pix', True)
+    self.enabled = model.decoder.out_dim == p * p * 3
+    viewer = mim.MIM(model.encoder, model.decoder, masking.random(),
+                     objectives.mae(norm_pix=self.norm_pix))
+    mask_fn = masking.random(c.mask_ratio)
+
+    def reconstruct(params, images, key):
+      (mask,) = mask_fn(key, images.shape[0],
+                        (images.shape[1] // p)**2)
+      _, aux = viewer.apply({'params': params}, images, masks=(mask,))
+      return aux['pred'], mask.mask
+
+    self.reconstruct = jax.jit(reconstruct,
+                               out_shardings=sharding.replicated(mesh))
+
+  @functools.cached_property
+  def batch(self) -> dict:
+    """This process's rows of one training batch: at least SHOWN images, a
+    whole number per batch-sharded device; read once."""
+    dp = sharding.data_parallel_size(self.mesh)
+    rows = -(-self.SHOWN // dp) * dp
+    return {'image': next(data_lib.train_batches(
+        self.data, 'pretrain', rows, seed=0))['image']}
 
   def run(self, step, state, writer) -> dict:
-    c, p = self.config.pretrain, self.config.model.patch_size
-    if (jax.process_index() > 0 or
-        self.model.decoder.out_dim != p * p * 3):
+    if not self.enabled:
       return {}
-    batch = next(data_lib.train_batches(c.data, 'pretrain', 8, seed=0))
-    images = jnp.asarray(batch['image'][:8])
-    (mask,) = masking.random(c.mask_ratio)(
-        jax.random.key(step), images.shape[0], (images.shape[1] // p)**2)
-    norm_pix = c.objective_kwargs.get('norm_pix', True)
-    viewer = mim.MIM(self.model.encoder, self.model.decoder, masking.random(),
-                     objectives.mae(norm_pix=norm_pix))
-    _, aux = viewer.apply({'params': jax.device_get(state.params)}, images,
-                          masks=(mask,))
-    grid = visualize.reconstruction_grid(
-        np.asarray(images), np.asarray(aux['pred']), np.asarray(mask.mask), p,
-        norm_pix)
+    with sharding.active(self.mesh, self.rules):
+      g = sharding.global_batch(self.batch, self.mesh)
+      pred, mask = self.reconstruct(state.params, g['image'],
+                                    jax.random.key(step))
+    images = gathered(g['image'])[:self.SHOWN]
+    pred, mask = (np.asarray(jax.device_get(x))[:self.SHOWN]
+                  for x in (pred, mask))
+    if jax.process_index() > 0:
+      return {}
+    grid = visualize.reconstruction_grid(images, pred, mask, self.patch,
+                                         self.norm_pix)
     path = str(checkpoint.resolve(self.workdir) / f'reconstructions_{step}.png')
     visualize.save_png(path, grid, f'step {step}: original | masked | '
                        'prediction | prediction + visible')

@@ -1,12 +1,17 @@
-"""mimjax entry point: pre-train, fine-tune, linear-probe or all of it.
+r"""mimjax entry point: pre-train, fine-tune, linear-probe or all of it.
 
   python -m mimjax.main --config=configs/demo.py --workdir=/tmp/demo
-  python -m mimjax.main --config=configs/mae_pretrain.py:B \
-      --config.pretrain.batch_size=256 --workdir=gs://bucket/run
+  python -m mimjax.main --config=configs/mae_imagenet.py:B \
+      --config.mode=pretrain --config.pretrain.batch_size=256 \
+      --workdir=gs://bucket/run
+
+Recipes: configs/demo.py, configs/mae_imagenet.py (B, L, H),
+configs/mim_variants.py, configs/one_image.py, configs/small_datasets.py.
 """
 
 from __future__ import annotations
 
+import errno
 import logging as pylogging
 import os
 import sys
@@ -15,6 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mimjax import distributed
+from mimjax import errors
 from mimjax import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file.',
@@ -39,13 +45,19 @@ def main(argv):
     console.addFilter(_ours_or_errors)
   try:
     distributed.initialize()
-    from mimjax.training import pipeline  # pylint: disable=g-import-not-at-top
+    from mimjax.training import pipeline, preemption  # pylint: disable=g-import-not-at-top
+    preemption.install()
     pipeline.run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except errors.Error as e:
     print(f'mimjax: error: {_first_line(e)}', file=sys.stderr)
     sys.exit(1)
-  except OSError as e:  # a full disk, a read-only file system, ...
-    import errno  # pylint: disable=g-import-not-at-top
+  except errors.Preempted as e:
+    from mimjax.training import preemption  # pylint: disable=g-import-not-at-top
+    print(f'mimjax: {e}', file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_CODE)
+  except OSError as e:
+    if e.errno not in _ENVIRONMENT_ERRNOS:
+      raise
     full = ('; the checkpoints on disk are the last complete ones'
             if e.errno == errno.ENOSPC else '')
     print(f'mimjax: error: {_first_line(e)}{full}', file=sys.stderr)
@@ -62,6 +74,12 @@ def main(argv):
           f'{jax.process_count()} stops: a collective failed ({first_line}); '
           'another process has probably died', file=sys.stderr, flush=True)
     os._exit(1)  # pylint: disable=protected-access
+
+
+# A full disk, a read-only or not writable workdir: the environment, in one
+# line. Any other OSError keeps its traceback.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                       errno.EPERM)
 
 
 def _ours_or_errors(record: pylogging.LogRecord) -> bool:

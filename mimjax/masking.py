@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimjax import errors
+
 
 @flax.struct.dataclass
 class Mask:
@@ -41,7 +43,7 @@ MaskFn = Callable[[jax.Array, int, int], tuple[Mask, ...]]
 
 def check_ratio(ratio: float):
   if not 0.0 < ratio < 1.0:
-    raise ValueError(f'mask ratio must be in (0, 1), got {ratio}')
+    raise errors.Invalid(f'mask ratio must be in (0, 1), got {ratio}')
 
 
 def num_kept(num_patches: int, ratio: float) -> int:
@@ -100,7 +102,8 @@ def independent(ratio: float = 0.75, num_views: int = 2) -> MaskFn:
 
 def _check_grid(grid, num_patches):
   if grid[0] * grid[1] != num_patches:
-    raise ValueError(f'mask grid {grid} does not have {num_patches} patches')
+    raise errors.Invalid(f'mask grid {grid} does not have {num_patches} '
+                         f'patches')
 
 
 def _beit_blocks(rng, grid, num_hidden, min_block, max_block, log_aspect,
@@ -205,7 +208,7 @@ def grid_mask(grid: tuple[int, int], stride: int = 2) -> MaskFn:
   """Keeps one patch in every stride x stride cell, at a random offset per sample."""
   gh, gw = grid
   if gh % stride or gw % stride:
-    raise ValueError(f'grid {grid} is not divisible by stride {stride}')
+    raise errors.Invalid(f'grid {grid} is not divisible by stride {stride}')
 
   def mask_fn(rng, batch_size, num_patches):
     _check_grid(grid, num_patches)
@@ -230,8 +233,9 @@ def given(masks: jax.Array | Sequence[jax.Array]) -> MaskFn:
     m = np.asarray(m)
     counts = (m == 0).sum(axis=1)
     if m.ndim != 2 or np.any(counts != counts[0]):
-      raise ValueError('given masks must be (B, L) with the same number of '
-                       f'visible patches per row, got visible counts {counts}')
+      raise errors.Invalid('given masks must be (B, L) with the same number '
+                           f'of visible patches per row, got visible counts '
+                           f'{counts}')
     views.append(m.astype(np.float32))
 
   def mask_fn(rng, batch_size, num_patches):
@@ -239,8 +243,8 @@ def given(masks: jax.Array | Sequence[jax.Array]) -> MaskFn:
     out = []
     for m in views:
       if m.shape != (batch_size, num_patches):
-        raise ValueError(f'given mask has shape {m.shape}, the batch needs '
-                         f'{(batch_size, num_patches)}')
+        raise errors.Invalid(f'given mask has shape {m.shape}, the batch needs '
+                             f'{(batch_size, num_patches)}')
       num_keep = int((m[0] == 0).sum())
       scores = jnp.asarray(m) + jnp.arange(num_patches) / (2 * num_patches)
       out.append(from_scores(scores, num_keep))
@@ -290,5 +294,5 @@ def get(name: str, ratio: float = 0.75, grid: tuple[int, int] | None = None,
       'none': lambda: none(num_views),
   }
   if name not in makers:
-    raise ValueError(f'unknown mask {name!r}; known: {sorted(makers)}')
+    raise errors.Invalid(f'unknown mask {name!r}; known: {sorted(makers)}')
   return makers[name]()

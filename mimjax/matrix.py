@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
+from mimjax import errors
+
 TRANSFORMS = {
     'complementary': ('identity', 'complementary'),
     'independent': ('identity', 'independent'),
@@ -66,10 +68,10 @@ def apply(c: mlc.ConfigDict, variant: str, feature_dim: int):
     return c
   transform, _, similarity = VARIANTS.get(variant, variant).partition('+')
   if transform not in TRANSFORMS or similarity not in SIMILARITIES:
-    raise ValueError(f'unknown variant {variant!r}; known: mae, '
-                     f'{", ".join(VARIANTS)} or transform+similarity with '
-                     f'transform in {sorted(TRANSFORMS)}, similarity in '
-                     f'{sorted(SIMILARITIES)}')
+    raise errors.Invalid(f'unknown variant {variant!r}; known: mae, '
+                         f'{", ".join(VARIANTS)} or transform+similarity with '
+                         f'transform in {sorted(TRANSFORMS)}, similarity in '
+                         f'{sorted(SIMILARITIES)}')
   p.views, p.mask = TRANSFORMS[transform]
   p.objective, kwargs = SIMILARITIES[similarity]
   p.objective_kwargs = mlc.ConfigDict(kwargs)

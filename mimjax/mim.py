@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mimjax import errors
 from mimjax import masking
 from mimjax import views as views_lib
 from mimjax.models import decoder as decoder_lib
@@ -59,7 +60,7 @@ class MIMContext:
   def require_aligned(self, name: str):
     """Raises for position-wise objectives on views that are crops."""
     if not self.aligned:
-      raise ValueError(
+      raise errors.Invalid(
           f'{name} compares the views patch by patch, but the views are '
           'crops whose patch positions do not correspond; use an '
           "image-level objective (cmae level='image', simsiam) or views "
@@ -147,9 +148,9 @@ def pair_views(views: tuple, num_masks: int) -> tuple:
     return tuple(views)
   if len(views) == 1:
     return tuple(views) * num_masks
-  raise ValueError(f'the view function gave {len(views)} views and the mask '
-                   f'function {num_masks} masks; give one mask per view '
-                   '(masking.independent, masking.none) or one view')
+  raise errors.Invalid(f'the view function gave {len(views)} views and the '
+                       f'mask function {num_masks} masks; give one mask per '
+                       f'view (masking.independent, masking.none) or one view')
 
 
 def build(encoder: vit.Encoder, mask_fn: masking.MaskFn, loss_fn: LossFn,

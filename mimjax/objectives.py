@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mimjax import errors
 from mimjax import masking
 from mimjax.mim import MIMContext
 from mimjax.models import vit
@@ -29,8 +30,8 @@ def masked_mse(pred, target, weights):
 
 def _views(ctx: MIMContext, count: int, name: str):
   if len(ctx.masks) < count:
-    raise ValueError(f'{name} needs {count} views, the mask function gave '
-                     f'{len(ctx.masks)}; use masking.complementary()')
+    raise errors.Invalid(f'{name} needs {count} views, the mask function gave '
+                         f'{len(ctx.masks)}; use masking.complementary()')
   return ctx.masks[:count], ctx.latents[:count]
 
 
@@ -83,9 +84,10 @@ def siamese(norm_pix: bool = True, inner_steps: int = 1, inner_lr: float = 1e-3,
     module = ctx.module
     if not (module.is_initializing() or
             module.has_variable('inner', 'phi_prime')):
-      raise ValueError("siamese keeps φ' in the 'inner' variable collection: "
-                       "apply with the variables init returned ({'params': "
-                       "..., 'inner': ...}) and mutable=['inner']")
+      raise errors.Invalid("siamese keeps φ' in the 'inner' variable "
+                           'collection: apply with the variables init '
+                           "returned ({'params': ..., 'inner': ...}) and "
+                           "mutable=['inner']")
     phi = module.variable('inner', 'phi_prime',
                           lambda: nn.meta.unbox(ctx.decoder_params()))
     opt = module.variable('inner', 'opt_state',
@@ -218,10 +220,11 @@ def cmae(level: str = 'patch', temperature: float = 0.2, proj_dim: int = 256,
   level='image': q = g(pool(z_A)), k = g'(pool(z_B)), for any views.
   """
   if level not in ('patch', 'image'):
-    raise ValueError(f"cmae level must be 'patch' or 'image', got {level!r}")
+    raise errors.Invalid(f"cmae level must be 'patch' or 'image', got "
+                         f'{level!r}')
   if key_source not in ('encoder', 'decoder'):
-    raise ValueError(f"key_source must be 'encoder' or 'decoder', got "
-                     f'{key_source!r}')
+    raise errors.Invalid(f"key_source must be 'encoder' or 'decoder', got "
+                         f'{key_source!r}')
 
   def patch_pairs(ctx, online, target):
     (view_o, z_o), (view_t, z_t) = online, target
@@ -293,5 +296,6 @@ REGISTRY = {'mae': mae, 'siamese': siamese, 'rmae': rmae, 'cmae': cmae,
 def get(name: str, **kwargs):
   """A loss function by name, with its knobs as keyword arguments."""
   if name not in REGISTRY:
-    raise ValueError(f'unknown objective {name!r}; known: {sorted(REGISTRY)}')
+    raise errors.Invalid(f'unknown objective {name!r}; known: '
+                         f'{sorted(REGISTRY)}')
   return REGISTRY[name](**kwargs)

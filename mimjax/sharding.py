@@ -18,6 +18,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mimjax import errors
+
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
@@ -76,8 +78,8 @@ def mesh_shapes(sizes: Sequence[int] | None, dcn: Sequence[int] | None,
   dcn = _resolve(dcn, num_granules, 'mesh_dcn', 'slices or processes')
   for axis, size, split in zip(AXES, shape, dcn):
     if size % split:
-      raise ValueError(f'mesh_dcn {dcn} does not divide mesh {shape}: '
-                       f'{axis} {size} over {split} slices or processes')
+      raise errors.Invalid(f'mesh_dcn {dcn} does not divide mesh {shape}: '
+                           f'{axis} {size} over {split} slices or processes')
   return shape, dcn
 
 
@@ -85,17 +87,18 @@ def _resolve(sizes, count: int, key: str, what: str = 'devices'):
   """Resolves one -1 ('the rest') and checks the product is `count`."""
   sizes = list(sizes)
   if len(sizes) != len(AXES):
-    raise ValueError(f'{key} needs {len(AXES)} sizes for {AXES}, got {sizes}')
+    raise errors.Invalid(f'{key} needs {len(AXES)} sizes for {AXES}, got '
+                         f'{sizes}')
   if sizes.count(-1) > 1:
-    raise ValueError(f'{key} {sizes} has more than one -1')
+    raise errors.Invalid(f'{key} {sizes} has more than one -1')
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
     if count % known:
-      raise ValueError(f'{key} {sizes} does not divide {count} {what}')
+      raise errors.Invalid(f'{key} {sizes} does not divide {count} {what}')
     sizes[sizes.index(-1)] = count // known
   if math.prod(sizes) != count or min(sizes) < 1:
-    raise ValueError(f'{key} {dict(zip(AXES, sizes))} has {math.prod(sizes)} '
-                     f'{what}, but {count} are present')
+    raise errors.Invalid(f'{key} {dict(zip(AXES, sizes))} has '
+                         f'{math.prod(sizes)} {what}, but {count} are present')
   return tuple(sizes)
 
 

@@ -28,6 +28,8 @@ from typing import Any, Mapping
 import ml_dtypes  # jax's own dependency: numpy's bfloat16 for safetensors
 import numpy as np
 
+from mimjax import errors
+
 __all__ = ['load_state_dict', 'save_npz_state_dict']
 
 # Keys under which training checkpoints keep the model weights, most likely
@@ -255,9 +257,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: no such checkpoint file')
+    raise errors.Missing(f'{path}: no such checkpoint file')
   if os.path.isdir(path):
-    raise ValueError(f'{path}: is a directory, not a checkpoint file')
+    raise errors.Invalid(f'{path}: is a directory, not a checkpoint file')
   try:
     return _load(path)
   except _Error as e:
@@ -267,7 +269,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
     msg = f'{type(e).__name__}: {e}'
   msg = ' '.join(msg.split())
-  raise ValueError(f'{path}: not a readable checkpoint: {msg}') from None
+  raise errors.Invalid(f'{path}: not a readable checkpoint: {msg}') from None
 
 
 def save_npz_state_dict(path: str | os.PathLike,

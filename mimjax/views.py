@@ -25,6 +25,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from mimjax import errors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -187,9 +189,10 @@ def get(name: str, **kwargs) -> ViewFn | None:
   """A view function by name ('identity' is None: the batch as it is)."""
   if name == 'identity':
     if kwargs:
-      raise ValueError(f'identity views take no knobs, got {sorted(kwargs)}')
+      raise errors.Invalid(f'identity views take no knobs, got '
+                           f'{sorted(kwargs)}')
     return None
   if name not in REGISTRY:
-    raise ValueError(f'unknown view transform {name!r}; known: '
-                     f"{['identity', *sorted(REGISTRY)]}")
+    raise errors.Invalid(f'unknown view transform {name!r}; known: '
+                         f"{['identity', *sorted(REGISTRY)]}")
   return REGISTRY[name](**kwargs)

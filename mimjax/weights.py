@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from mimjax import build, checkpoint, convert, torch_io
+from mimjax import build, checkpoint, convert, errors, torch_io
 from mimjax.models import vit
 
 # The official MAE decoders have 16 heads; only the encoder is used here.
@@ -17,7 +17,7 @@ MAE_DECODER_HEADS = 16
 def load_pretrained(path: str, model_cfg) -> dict:
   """Encoder parameters from a mimjax run, an orbax params dir or a .pth file."""
   if not path:
-    raise ValueError('no pre-trained checkpoint given (finetune.init)')
+    raise errors.Invalid('no pre-trained checkpoint given (finetune.init)')
   where = checkpoint.resolve(path)
   if where.is_file():
     params = convert.import_state_dict(
@@ -29,10 +29,10 @@ def load_pretrained(path: str, model_cfg) -> dict:
   elif where.is_dir():
     params = checkpoint.load_params(path)
   else:
-    raise FileNotFoundError(f'pre-trained checkpoint {path} does not exist')
+    raise errors.Missing(f'pre-trained checkpoint {path} does not exist')
   if 'encoder' not in params:
-    raise ValueError(f'{path} has no encoder parameters (found '
-                     f'{sorted(params)})')
+    raise errors.Invalid(f'{path} has no encoder parameters (found '
+                         f'{sorted(params)})')
   return jax.tree.map(np.asarray, params['encoder'])
 
 

@@ -65,3 +65,24 @@ def test_every_matrix_cell_validates_or_says_why(variant):
       config_lib.validate(config, 1)
   else:
     config_lib.validate(config, 1)
+
+
+def test_attention_leaves_the_stage_fingerprint_alone():
+  """model.attention changes no parameter: a stage resumes under any
+  choice, and a fingerprint written before the key existed still matches."""
+  config = config_lib.base_config()
+  before = config_lib.stage_fingerprint(config, 'pretrain')
+  assert not any('attention' in key for key in before)
+  config.model.attention = 'xla'
+  assert config_lib.stage_fingerprint(config, 'pretrain') == before
+  assert not config_lib.fingerprint_changes(
+      {**before, 'model.attention': 'cudnn'}, before)
+
+
+def test_a_key_added_to_the_schema_resumes_at_its_default():
+  old = {'data.name': 'digits'}  # written before data.holdout existed
+  assert config_lib.fingerprint_changes(
+      old, {'data.name': 'digits', 'data.holdout': 0.1}) == []
+  assert config_lib.fingerprint_changes(
+      old, {'data.name': 'digits', 'data.holdout': 0.2}) == [
+          "data.holdout '<unset>' -> 0.2"]

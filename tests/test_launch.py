@@ -363,11 +363,34 @@ def test_slurm_job_runs_one_task_per_node_on_all_gpus(tmp_path):
                          'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.90'}
 
 
+@pytest.mark.parametrize('requeue', ['1', '0'])
+def test_slurm_job_stopped_on_sigterm_is_requeued(tmp_path, requeue):
+  """srun's tasks exit 75 (pre-empted, their step saved): the job is
+  requeued with scontrol, unless MIMJAX_REQUEUE=0; the exit code stays."""
+  bindir = tmp_path / 'bin'
+  fake(bindir, 'srun', tmp_path / 'srun.jsonl', body='sys.exit(75)')
+  fake(bindir, 'scontrol', tmp_path / 'scontrol.jsonl')
+  proc = subprocess.run(
+      ['bash', str(LAUNCH / 'slurm.sbatch'), '--config=c.py'],
+      env=_env({'SLURM_SUBMIT_DIR': str(ROOT), 'SLURM_JOB_ID': '77',
+                'SLURM_JOB_NUM_NODES': '1', 'SLURM_GPUS_PER_NODE': '8',
+                'MIMJAX_REQUEUE': requeue}, bindir),
+      cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 75, proc.stderr
+  requeued = tmp_path / 'scontrol.jsonl'
+  if requeue == '1':
+    assert [r['argv'][1:] for r in records(requeued)] == [['requeue', '77']]
+    assert 'requeueing job 77' in proc.stderr
+  else:
+    assert not requeued.exists()
+
+
 def test_slurm_defaults_in_the_template():
   template = (LAUNCH / 'slurm.sbatch').read_text()
   for line in ('#SBATCH --nodes=2', '#SBATCH --gpus-per-node=8',
                '#SBATCH --ntasks-per-node=1', '#SBATCH --time=',
-               '##SBATCH --partition='):
+               '##SBATCH --partition=', '#SBATCH --signal=TERM@',
+               '#SBATCH --requeue'):
     assert line in template, line
 
 

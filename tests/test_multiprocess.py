@@ -45,17 +45,20 @@ def _launch(workdir, data_dir, steps, process_id=None, port=None, extra=()):
                 'MIMJAX_INIT_TIMEOUT': os.environ.get('MIMJAX_INIT_TIMEOUT',
                                                       '120'),
                 'MIMJAX_HEARTBEAT_TIMEOUT': '10'})
+  # A key given in `extra` replaces FLAGS' (tuple flags would append).
+  given = {f.split('=')[0] for f in extra}
   cmd = [sys.executable, '-m', 'mimjax.main', f'--workdir={workdir}',
-         f'--config={REPO}/tests/tiny_config.py:{data_dir}', *FLAGS,
+         f'--config={REPO}/tests/tiny_config.py:{data_dir}',
+         *[f for f in FLAGS if f.split('=')[0] not in given],
          f'--config.pretrain.steps={steps}', '--verbosity=0', *extra]
   return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _two_processes(workdir, data_dir, steps, *extra):
+def _two_processes(workdir, data_dir, steps, *extra, timeout=600):
   port = _free_port()
   procs = [_launch(workdir, data_dir, steps, i, port, extra) for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  outputs = [p.communicate(timeout=timeout)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
   return outputs
@@ -146,3 +149,49 @@ def test_bad_distributed_environment(monkeypatch):
   monkeypatch.setenv('MIMJAX_PROCESS_ID', 'one')
   with pytest.raises(ValueError, match="MIMJAX_PROCESS_ID='one' is not a whole"):
     distributed.initialize()
+
+
+def _table(output: str) -> list[list[str]]:
+  """The summary table's rows, train_seconds (each process's own clock)
+  left out."""
+  lines = output.splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith('stage '))
+  rows = []
+  for line in lines[start:]:
+    if not line.strip() or line.startswith(('Pictures', 'TensorBoard', 'I1',
+                                            'W1', 'mimjax')):
+      break
+    rows.append(line.split()[:-1])
+  return rows
+
+
+def test_fsdp_across_two_processes_runs_every_stage_and_evaluator(tmp_path):
+  """The parameters sharded over 4 devices of 2 processes (fsdp=4): the
+  pipeline pre-trains with kNN and reconstructions, fine-tunes with
+  evaluations, probes and analyses; both processes report the same
+  numbers."""
+  data_dir = tmp_path / 'tfds'
+  prepare = _launch(tmp_path / 'prepare', data_dir, 1,
+                    extra=['--config.pretrain.data.name=digits',
+                           '--config.pretrain.steps=1'])
+  out = prepare.communicate(timeout=600)[0]
+  assert prepare.returncode == 0, out[-3000:]
+  outputs = _two_processes(
+      tmp_path / 'run', data_dir, 8, '--config.mode=pipeline',
+      '--config.mesh=(1,4,1)', '--config.pretrain.data.name=digits',
+      '--config.pretrain.knn_every=4', '--config.pretrain.recon_every=4',
+      '--config.pretrain.knn_examples=200',
+      '--config.finetune.steps=8', '--config.finetune.eval_every=4',
+      '--config.linprobe.steps=6', '--config.linprobe.eval_every=3',
+      '--config.analyze.examples=96', timeout=1200)
+  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in outputs[0]
+  overview = (tmp_path / 'run' / 'pretrain' / 'parameters.txt').read_text()
+  assert "(None, 'fsdp')" in overview, overview[:2000]
+  run = tmp_path / 'run'
+  assert (run / 'pretrain' / 'reconstructions_8.png').exists()
+  assert (run / 'analyze' / 'occlusion_invariance.png').exists()
+  tables = [_table(out) for out in outputs]
+  assert [row[0] for row in tables[0]] == [
+      'stage', 'pretrain', 'finetune', 'linprobe', 'analyze', 'analyze'], (
+          outputs[0][-3000:])
+  assert tables[0] == tables[1], (tables, outputs[1][-3000:])

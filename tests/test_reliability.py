@@ -52,6 +52,8 @@ def _one_line(error):
     ('finetune.eval_every', -1, 'finetune.eval_every must be >= 0'),
     ('stop_at_step', -1, 'stop_at_step must be >= 0'),
     ('pretrain.accumulate', 0, 'pretrain.accumulate must be at least 1'),
+    ('finetune.accumulate', 3, 'finetune.batch_size 32 is not divisible by '
+     'finetune.accumulate 3 x the data-parallel size 1'),
     ('finetune.init', '/nonexistent/run', 'finetune.init=/nonexistent/run: no '
      'such file or directory'),
 ])
@@ -95,6 +97,30 @@ def test_pipeline_refuses_before_anything_is_written(tmp_path, data_dir):
   with pytest.raises(ValueError, match='finetune.batch_size must be at least'):
     pipeline.run(c, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
+
+
+def test_a_bad_folder_is_refused_before_anything_is_written(tmp_path,
+                                                          data_dir):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  flat = tmp_path / 'flat'  # images, no class sub-folders: no fine-tuning
+  flat.mkdir()
+  for i in range(4):
+    Image.new('RGB', (8, 8), (i, 0, 0)).save(flat / f'{i}.png')
+  broken = tmp_path / 'broken' / 'cat'  # no readable image
+  broken.mkdir(parents=True)
+  (broken / 'a.jpg').write_bytes(b'not a jpeg')
+  (tmp_path / 'empty').mkdir()
+  for root, mode, message, workdir in (
+      (flat, 'pipeline', 'no class sub-folders', 'run'),
+      (broken.parent, 'pretrain', 'no readable', 'run'),
+      (flat, 'finetune', 'no class sub-folders', 'empty')):
+    c = tiny_config(data_dir, mode=mode)
+    c.data.name = c.pretrain.data.name = f'folder:{root}'
+    with pytest.raises(ValueError, match=message) as error:
+      pipeline.run(c, str(tmp_path / workdir))
+    _one_line(error)
+    assert not os.path.exists(tmp_path / 'run')
+    assert not os.listdir(tmp_path / 'empty')
 
 
 def test_one_image_photo_that_is_not_an_image_or_too_small(tmp_path,

@@ -7,6 +7,8 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
+from mimjax import errors
+
 Features = jax.Array | Sequence[jax.Array]
 
 
@@ -14,13 +16,13 @@ def _flatten(x: jax.Array) -> jax.Array:
   """Casts to float32 and flattens all but the leading (example) axis."""
   x = jnp.asarray(x, jnp.float32)
   if x.ndim < 2:
-    raise ValueError(f'Features need shape (n, ...), got {x.shape}.')
+    raise errors.Invalid(f'Features need shape (n, ...), got {x.shape}.')
   return x.reshape(x.shape[0], -1)
 
 
 def _check_same_n(x: jax.Array, y: jax.Array) -> None:
   if x.shape[0] != y.shape[0]:
-    raise ValueError(
+    raise errors.Invalid(
         f'x and y need the same number of examples, got {x.shape[0]} and'
         f' {y.shape[0]}.')
 
@@ -48,7 +50,7 @@ def linear_cka(
     xx = jnp.sum(jnp.square(x.T @ x))
     yy = jnp.sum(jnp.square(y.T @ y))
   else:
-    raise ValueError(f'Unknown method {method!r}.')
+    raise errors.Invalid(f'Unknown method {method!r}.')
   return xy / jnp.sqrt(xx * yy)
 
 
@@ -62,9 +64,10 @@ def hsic_unbiased(k: jax.Array, l: jax.Array) -> jax.Array:
   """Returns the unbiased HSIC estimate (Song et al. 2012) from (n, n) Grams."""
   n = k.shape[0]
   if k.shape != (n, n) or l.shape != (n, n):
-    raise ValueError(f'Need two (n, n) Gram matrices, got {k.shape}, {l.shape}.')
+    raise errors.Invalid(f'Need two (n, n) Gram matrices, got {k.shape}, '
+                         f'{l.shape}.')
   if n <= 3:
-    raise ValueError(f'Unbiased HSIC needs n > 3 examples, got n={n}.')
+    raise errors.Invalid(f'Unbiased HSIC needs n > 3 examples, got n={n}.')
   off_diag = 1.0 - jnp.eye(n, dtype=k.dtype)
   k, l = k * off_diag, l * off_diag
   # HSIC_1 = [tr(KL) + 1'K1 1'L1 / ((n-1)(n-2)) - 2/(n-2) 1'KL1] / (n(n-3)),
@@ -127,7 +130,7 @@ class MinibatchCKA:
     `gram_matrices` returns: one encoder's Grams serve all its pairs."""
     _check_same_n(ka[0], kb[0])
     if (ka.shape[0], kb.shape[0]) != self.xy.shape:
-      raise ValueError(
+      raise errors.Invalid(
           f'Expected {self.xy.shape} layers, got ({ka.shape[0]}, '
           f'{kb.shape[0]}).')
     hsic_rows = jax.vmap(hsic_unbiased, in_axes=(None, 0))

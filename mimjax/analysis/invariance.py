@@ -18,6 +18,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
+from mimjax import errors
 from mimjax.analysis.cka import gram_matrices
 from mimjax.analysis.cka import hsic_unbiased
 from mimjax.analysis.cka import linear_cka
@@ -29,7 +30,8 @@ def _image_level(x: jax.Array) -> jax.Array:
   if x.ndim == 3:
     return x.mean(axis=1)
   if x.ndim != 2:
-    raise ValueError(f'Features need shape (n, d) or (n, t, d), got {x.shape}.')
+    raise errors.Invalid(f'Features need shape (n, d) or (n, t, d), got '
+                         f'{x.shape}.')
   return x
 
 
@@ -46,13 +48,14 @@ def _mean_cosine(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
 
 def _paired(feats_a, feats_b) -> list[tuple[jax.Array, jax.Array]]:
   if len(feats_a) != len(feats_b):
-    raise ValueError(
+    raise errors.Invalid(
         f'Need the same number of layers, got {len(feats_a)} and'
         f' {len(feats_b)}.')
   pairs = [(_image_level(a), _image_level(b)) for a, b in zip(feats_a, feats_b)]
   for a, b in pairs:
     if a.shape != b.shape:
-      raise ValueError(f'Paired features differ in shape: {a.shape}, {b.shape}.')
+      raise errors.Invalid(f'Paired features differ in shape: {a.shape}, '
+                           f'{b.shape}.')
   return pairs
 
 
@@ -99,8 +102,8 @@ class MinibatchInvariance:
              means_b: Sequence[jax.Array]) -> 'MinibatchInvariance':
     """An empty accumulator; means_*: each view's mean feature per layer."""
     if len(means_a) != len(means_b):
-      raise ValueError(f'Need the same number of layers, got {len(means_a)} '
-                       f'and {len(means_b)}.')
+      raise errors.Invalid(f'Need the same number of layers, got '
+                           f'{len(means_a)} and {len(means_b)}.')
     zeros = jnp.zeros((len(means_a),), jnp.float32)
     as_f32 = lambda ms: tuple(jnp.asarray(m, jnp.float32) for m in ms)
     return cls(mean_a=as_f32(means_a), mean_b=as_f32(means_b), xy=zeros,
@@ -112,8 +115,8 @@ class MinibatchInvariance:
     """Adds one minibatch: per layer (n, d) or (n, tokens, d), n > 3."""
     pairs = _paired(feats_a, feats_b)
     if len(pairs) != self.xy.shape[0]:
-      raise ValueError(f'Expected {self.xy.shape[0]} layers, got '
-                       f'{len(pairs)}.')
+      raise errors.Invalid(f'Expected {self.xy.shape[0]} layers, got '
+                           f'{len(pairs)}.')
     ka = gram_matrices([a for a, _ in pairs])
     kb = gram_matrices([b for _, b in pairs])
     centred = [

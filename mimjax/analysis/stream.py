@@ -14,16 +14,18 @@ from mimjax import sharding
 
 
 def eval_stream(data_cfg, batch_size: int, mesh, split: str | None = None,
-                limit: int | None = None) -> Iterator[tuple[int, dict,
-                                                            np.ndarray]]:
+                limit: int | None = None,
+                batches=None) -> Iterator[tuple[int, dict, np.ndarray]]:
   """The eval split (or `split`) once, as global batches on `mesh`: yields
   (first row, batch, valid), `valid` the host copy of the global batch's
-  real-example flags. Stops after `limit` real examples."""
-  if split is not None:
-    data_cfg = data_cfg.copy_and_resolve_references()
-    data_cfg.eval_split = split
+  real-example flags. `limit`: only that many examples, drawn with a fixed
+  seed from the whole split (data.eval_batches). `batches`: this process's
+  rows of batches already read (an evaluator's own set), in place of
+  reading `data_cfg`."""
+  if batches is None:
+    batches = data_lib.eval_batches(data_cfg, batch_size, split, limit)
   seen = 0
-  for i, batch in enumerate(data_lib.eval_batches(data_cfg, batch_size)):
+  for i, batch in enumerate(batches):
     g = sharding.global_batch(batch, mesh)
     valid = np.asarray(multihost_utils.process_allgather(g['valid'],
                                                          tiled=True))

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mimjax import errors
 from mimjax.models import vit
 
 
@@ -23,7 +24,7 @@ class Classifier(nn.Module):
 
   def __post_init__(self):
     if self.pool not in ('gap', 'cls'):
-      raise ValueError(f"pool must be 'gap' or 'cls', got {self.pool!r}")
+      raise errors.Invalid(f"pool must be 'gap' or 'cls', got {self.pool!r}")
     # The final token norm exists only with the cls token ('gap' has fc_norm).
     if self.encoder.final_norm != (self.pool == 'cls'):
       object.__setattr__(self, 'encoder', self.encoder.clone(

@@ -58,7 +58,7 @@ if __name__ == '__main__':
   simulate_devices(sys.argv)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from mimjax import flops
+from mimjax import errors, flops
 
 # ---------------------------------------------------------------- HLO bytes
 
@@ -193,7 +193,7 @@ def collective_bytes(hlo_text: str, num_devices: int | None = None) -> dict:
   and 'unknown_trip_count' (see the module docstring for what is counted)."""
   computations, entry = _computations(hlo_text)
   if entry is None:
-    raise ValueError('no ENTRY computation in the HLO text')
+    raise errors.Invalid('no ENTRY computation in the HLO text')
   runs, unknown = _executions(computations, entry)
   result = {kind: {'ops': 0, 'bytes': 0, 'groups': {}} for kind in KINDS}
   for name, lines in computations.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import logging
@@ -14,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from mimjax import checkpoint, sharding
+from mimjax import checkpoint, errors, sharding
+from mimjax.training import preemption
 
 
-class NonFiniteError(FloatingPointError):
-  """A step produced a non-finite loss or gradient."""
+NonFiniteError = errors.NonFinite
 
 
 def _scalars(metrics) -> dict[str, float]:
@@ -65,16 +66,19 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
   if start:
     state = restored
     logging.info('%s: resumed from step %d in %s', name, start, workdir)
-  elif jax.process_index() == 0:
-    (out / 'parameters.txt').write_text(
-        parameter_overview.get_parameter_overview(state.params) + '\n')
+  else:  # statistics of arrays that may span processes: all compute them
+    overview = parameter_overview.get_parameter_overview(
+        state.params, include_stats='global')
+    if jax.process_index() == 0:
+      (out / 'parameters.txt').write_text(overview + '\n')
   progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer, every_steps=log_every)
   summary = {'stage': name, 'steps': total_steps}
   last_finite: dict[str, float] = {}
   first_bad = jnp.int32(-1)
   started = time.time()
-  data = batches(start) if start < total_steps else iter(())
+  data = on_devices(batches(start) if start < total_steps else iter(()),
+                    mesh)
 
   def check(step, metrics):
     nonlocal last_finite
@@ -97,7 +101,7 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
     for step in range(start + 1, end + 1):
       profiler.before(step)
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = sharding.global_batch(next(data), mesh)
+        batch = next(data)
         state, metrics = train_step(state, batch)
       profiler.after(step, end, state)
       first_bad = jnp.where((first_bad < 0) & ~metrics['finite'], step,
@@ -127,9 +131,15 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
         summary.update(results)
         if score_key in results:
           ckpts.save_best(step, state, results[score_key])
-      if step % checkpoint_every == 0 or step == end:
+      stop = preemption.reached(step)
+      if step % checkpoint_every == 0 or step == end or stop:
         ckpts.save(step, state, {'step': step, 'data_position': step,
-                                 **(meta or {})}, force=step == end)
+                                 **(meta or {})}, force=step == end or stop)
+      if stop and step < end:
+        ckpts.close()
+        writer.flush()
+        raise preemption.stopped_at(name, step, total_steps,
+                                    str(ckpts.directory))
   finally:
     profiler.close()
   console.done()
@@ -143,6 +153,17 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
   elif (out / 'summary.json').exists():
     summary = json.loads((out / 'summary.json').read_text())
   return state, summary
+
+
+def on_devices(batches: Iterator[dict], mesh, ahead: int = 2):
+  """Global batches on `mesh` from this process's rows, `ahead` of them in
+  flight (their transfers overlap the steps before them)."""
+  queue = collections.deque()
+  for local in batches:
+    queue.append(sharding.global_batch(local, mesh))
+    if len(queue) > ahead:
+      yield queue.popleft()
+  yield from queue
 
 
 class Profiler:

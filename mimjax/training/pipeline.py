@@ -13,9 +13,10 @@ from jax.experimental import multihost_utils
 
 from mimjax import checkpoint
 from mimjax import config as config_lib
+from mimjax import errors
 from mimjax import sharding
 from mimjax.analysis import report
-from mimjax.training import trainers
+from mimjax.training import preemption, trainers
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -78,7 +79,7 @@ def run(config, workdir: str, checkpoint_path: str | None = None) -> list[dict]:
     (out / name).write_text(config.to_json_best_effort(indent=1))
     log_to(out / 'log.txt')
   stopped = False
-  for stage, kind, cfg, init, trainer in plan:
+  for i, (stage, kind, cfg, init, trainer) in enumerate(plan):
     guard_stage(cfg, stage_dir(workdir, stage), kind, init)
     summary = trainer(cfg, stage_dir(workdir, stage), init)[1]
     if kind != 'pretrain':
@@ -93,14 +94,19 @@ def run(config, workdir: str, checkpoint_path: str | None = None) -> list[dict]:
                    summary['steps'])
       stopped = True
       break
+    if preemption.requested() and (i + 1 < len(plan) or analyze):
+      raise preemption.stopped_after(stage)
   if analyze and not stopped:
     summaries += report.run(config, stage_dir(workdir, 'analyze'), encoders)
   if mode == 'eval':
     path = checkpoint_path or os.path.join(stage_dir(workdir, 'finetune'),
                                            'checkpoints')
     summaries.append({'stage': 'eval', **trainers.evaluate(config, path)})
-  if jax.process_index() == 0:
-    print(summary_table(summaries, config))
+  table = summary_table(summaries, config)
+  if jax.process_index() > 0:  # the same numbers, in this process's log
+    logging.info('summary of process %d:\n%s', jax.process_index(), table)
+  else:
+    print(table)
     (out / 'summary.json').write_text(json.dumps(summaries, indent=1))
     (out / 'summary.md').write_text(summary_markdown(summaries) + '\n')
     print(pictures(out))
@@ -186,7 +192,7 @@ def guard_stage(config, directory: str, kind: str, init: str | None,
     changes = config_lib.fingerprint_changes(old, new)
     if changes and not config.overwrite:
       more = f' (+{len(changes) - 4} more)' if len(changes) > 4 else ''
-      raise ValueError(
+      raise errors.Invalid(
           f'{stage.name}: the checkpoints in {ckpts} were written with other '
           f'settings: {"; ".join(changes[:4])}{more}; start fresh with a new '
           '--workdir, or --config.overwrite=True to move them aside')

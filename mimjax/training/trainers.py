@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mimjax import build, checkpoint, evaluators, sharding, weights
+from mimjax import build, checkpoint, errors, evaluators, sharding, weights
 from mimjax import data as data_lib
 from mimjax.models import vit
 from mimjax.training import loop, optim
@@ -28,7 +28,7 @@ from mimjax.training import state as state_lib
 class Recipe:
   """What a stage trains: the pieces `state.create`, the train step and the
   loop need. `lr_at(step)`: the learning rate in effect at 1-based training
-  step `step` (the schedule counts optimizer updates, not micro-steps)."""
+  step `step` (one optimizer update per step, whatever `accumulate`)."""
   model: nn.Module
   init_variables: Callable[[jax.Array], dict]
   tx: optax.GradientTransformation
@@ -39,24 +39,24 @@ class Recipe:
   override: dict | None = None  # parameters replacing the initial ones
   evaluators: list = dataclasses.field(default_factory=list)
   score_key: str | None = None  # keep the best checkpoint by this metric
+  accumulate: int = 1  # micro-batches per step (state.make_train_step)
 
 
 def stage_steps(c, num_train: int, name: str) -> tuple[int, int]:
   """(total, warmup) steps from epochs, unless steps are given."""
   if not c.steps and num_train <= 1:
-    raise ValueError(f'{name}: an endless dataset needs {name}.steps > 0')
+    raise errors.Invalid(f'{name}: an endless dataset needs {name}.steps > 0')
   per_epoch = max(num_train // c.batch_size, 1)
   total = c.steps or c.epochs * per_epoch
   warmup = c.warmup_steps or c.warmup_epochs * per_epoch
   return total, min(warmup, total)
 
 
-def schedule_for(c, total: int, warmup: int, accumulate: int = 1):
-  """(optax schedule over updates, lr_at over training steps)."""
-  schedule = optim.warmup_cosine(
-      optim.scaled_lr(c.base_lr, c.batch_size * accumulate),
-      max(total // accumulate, 1), warmup // accumulate, c.min_lr)
-  return schedule, lambda step: float(schedule((step - 1) // accumulate))
+def schedule_for(c, total: int, warmup: int):
+  """(optax schedule over updates, lr_at over 1-based training steps)."""
+  schedule = optim.warmup_cosine(optim.scaled_lr(c.base_lr, c.batch_size),
+                                 max(total, 1), warmup, c.min_lr)
+  return schedule, lambda step: float(schedule(step - 1))
 
 
 def _abstract_params(init_variables):
@@ -76,12 +76,12 @@ def pretrain_recipe(config, mesh, num_train: int, workdir: str = '') -> Recipe:
   c = config.pretrain
   model = build.mim_model(config)
   total, warmup = stage_steps(c, num_train, 'pretrain')
-  schedule, lr_at = schedule_for(c, total, warmup, c.accumulate)
+  schedule, lr_at = schedule_for(c, total, warmup)
   sample = _sample(sharding.data_parallel_size(mesh), c.data.image_size)
   init_variables = lambda key: model.init({'params': key, 'mask': key}, sample)
   tx = optim.finalize(
       optim.adamw(schedule, _abstract_params(init_variables), c.weight_decay,
-                  b2=c.b2), c.clip_norm, c.accumulate)
+                  b2=c.b2), c.clip_norm)
 
   def loss_fn(params, extra, batch, rng):
     # `extra`: state a loss function keeps besides the parameters, e.g. the
@@ -104,10 +104,11 @@ def pretrain_recipe(config, mesh, num_train: int, workdir: str = '') -> Recipe:
                                 sharding.rules_from(config.sharding_rules),
                                 c.knn_every))
   if c.recon_every:
-    evals.append(evaluators.Reconstructions(config, model, workdir,
-                                            c.recon_every))
+    evals.append(evaluators.Reconstructions(
+        config, model, mesh, sharding.rules_from(config.sharding_rules),
+        workdir, c.recon_every))
   return Recipe(model, init_variables, tx, loss_fn, total, lr_at,
-                c.data.image_size, evaluators=evals)
+                c.data.image_size, evaluators=evals, accumulate=c.accumulate)
 
 
 def finetune_recipe(config, mesh, num_train: int, num_classes: int,
@@ -118,7 +119,7 @@ def finetune_recipe(config, mesh, num_train: int, num_classes: int,
   model = build.classifier(config, num_classes, c.drop_path)
   size = config.data.image_size
   total, warmup = stage_steps(c, num_train, 'finetune')
-  schedule, lr_at = schedule_for(c, total, warmup, c.accumulate)
+  schedule, lr_at = schedule_for(c, total, warmup)
   sample = _sample(sharding.data_parallel_size(mesh), size)
   init_variables = lambda key: model.init({'params': key}, sample)
   abstract = _abstract_params(init_variables)
@@ -127,7 +128,7 @@ def finetune_recipe(config, mesh, num_train: int, num_classes: int,
       schedule, abstract, c.weight_decay, b2=c.b2,
       skip=('pos_embed', 'cls_token'),
       lr_scales=optim.layer_decay_scales(abstract, depth, c.layer_decay)),
-                      c.clip_norm, c.accumulate)
+                      c.clip_norm)
 
   def loss_fn(params, extra, batch, rng):
     k_mix, k_drop = jax.random.split(rng)
@@ -141,8 +142,7 @@ def finetune_recipe(config, mesh, num_train: int, num_classes: int,
     return loss, ({}, extra)
 
   eval_model = build.classifier(config, num_classes)
-  logits_fn = lambda state: (lambda p, x: eval_model.apply({'params': p},
-                                                           x)[0])
+  logits_fn = lambda p, extra, x: eval_model.apply({'params': p}, x)[0]
   rules = sharding.rules_from(config.sharding_rules)
   return Recipe(
       model, init_variables, tx, loss_fn, total, lr_at, size,
@@ -150,7 +150,7 @@ def finetune_recipe(config, mesh, num_train: int, num_classes: int,
                 if init else None),
       evaluators=[evaluators.Classification(config, logits_fn, mesh, rules,
                                             c.eval_every)],
-      score_key='top1')
+      score_key='top1', accumulate=c.accumulate)
 
 
 def linprobe_recipe(config, mesh, num_train: int, num_classes: int,
@@ -182,8 +182,7 @@ def linprobe_recipe(config, mesh, num_train: int, num_classes: int,
         logits, batch['label']).mean()
     return loss, ({}, {**extra, **updates})
 
-  logits_fn = lambda state: (lambda p, x: model.apply(
-      {'params': p, **state.extra}, x))
+  logits_fn = lambda p, extra, x: model.apply({'params': p, **extra}, x)
   rules = sharding.rules_from(config.sharding_rules)
   return Recipe(
       model, init_variables, tx, loss_fn, total, lr_at, size,
@@ -204,7 +203,7 @@ def run_stage(name: str, config, workdir: str, recipe: Recipe, batches,
                                       config.seed, mesh, rules,
                                       params_override=recipe.override)
   train_step = state_lib.make_train_step(recipe.loss_fn, recipe.tx, shardings,
-                                         mesh, rules)
+                                         mesh, rules, recipe.accumulate)
   return loop.train_loop(
       name=name, workdir=workdir, state=state, shardings=shardings,
       train_step=train_step, batches=batches, total_steps=recipe.total_steps,
@@ -265,5 +264,6 @@ def evaluate(config, checkpoint_dir: str):
       jax.random.key(0)))
   checkpoint.check_compatible(abstract['params'], params,
                            f'checkpoint {checkpoint_dir}')
-  logits_fn = lambda p, x: model.apply({'params': p}, x)[0]
-  return evaluators.classification(logits_fn, params, config, mesh, rules)
+  logits_fn = lambda p, extra, x: model.apply({'params': p}, x)[0]
+  return evaluators.Classification(config, logits_fn, mesh, rules,
+                                   every=0).evaluate(params)
