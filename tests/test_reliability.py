@@ -226,6 +226,38 @@ def test_typo_and_missing_recipe_are_one_line(capsys, monkeypatch):
     flags.FLAGS.unparse_flags()
 
 
+def test_user_code_keeps_its_traceback_mimjax_refusals_are_one_line(
+    capsys, monkeypatch):
+  """main: mimjax.errors are one line and exit 1; a ValueError from a
+  researcher's own code (here, raised inside the run) propagates whole."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from mimjax import errors  # pylint: disable=g-import-not-at-top
+  from mimjax.training import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from mimjax.training import preemption  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(preemption, 'install', lambda: None)  # keep pytest's
+  recipe = os.path.join(os.path.dirname(__file__), 'tiny_config.py')
+  argv = ['mimjax', f'--config={recipe}', '--workdir=/tmp/x']
+  monkeypatch.setattr('sys.argv', argv)
+  main_lib.parse_flags(argv)
+  try:
+    def refuse(*args):
+      raise errors.Invalid('pretrain.batch_size 7 is odd\nsecond line')
+    monkeypatch.setattr(pipeline_lib, 'run', refuse)
+    with pytest.raises(SystemExit) as exit_info:
+      main_lib.main([])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == (
+        'mimjax: error: pretrain.batch_size 7 is odd')
+
+    def users_loss(*args):
+      raise ValueError('my loss: shapes (8, 64) and (8, 48) differ')
+    monkeypatch.setattr(pipeline_lib, 'run', users_loss)
+    with pytest.raises(ValueError, match=r'my loss: shapes'):
+      main_lib.main([])
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
 # --------------------------------------------------------- mimjax-convert
 
 
