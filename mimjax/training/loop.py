@@ -47,7 +47,9 @@ def train_loop(*, name: str, workdir: str, state, shardings, train_step,
   parameter table goes to `<workdir>/parameters.txt`. A non-finite step leaves the state unchanged and stops
   the run at the next check with the step and the last finite metrics.
   `stop_at_step` > 0 ends this invocation there, checkpointed, to be resumed
-  (e.g. within a scheduler's time limit). `profile_steps` (first, last):
+  (e.g. within a scheduler's time limit); a pre-emption notice
+  (training/preemption.py) ends it at the step all processes agree on,
+  saved, with `Preempted`. `profile_steps` (first, last):
   a jax.profiler trace of those steps in `<workdir>/profile`.
   """
   out = checkpoint.resolve(workdir)
