@@ -3,6 +3,7 @@ match a single process with the same number of devices; when one dies or
 never starts, or the coordinator is unreachable, the others stop with one
 clear line instead of hanging."""
 
+import concurrent.futures
 import os
 import signal
 import socket
@@ -58,7 +59,11 @@ def _launch(workdir, data_dir, steps, process_id=None, port=None, extra=()):
 def _two_processes(workdir, data_dir, steps, *extra, timeout=600):
   port = _free_port()
   procs = [_launch(workdir, data_dir, steps, i, port, extra) for i in range(2)]
-  outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  # Both pipes drained at once: a process blocked on a full pipe would stall
+  # the other's collectives.
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    outputs = list(pool.map(lambda p: p.communicate(timeout=timeout)[0],
+                            procs))
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
   return outputs

@@ -3,6 +3,7 @@ exits with preemption.EXIT_CODE, and the same command resumes to a result
 bitwise equal to an uninterrupted run; a signal during a save or an
 evaluation loses nothing."""
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -134,8 +135,10 @@ def test_two_processes_stop_at_one_step_and_resume_bitwise(tmp_path):
   port = test_multiprocess._free_port()
   procs = [test_multiprocess._launch(tmp_path / 'stopped', data_dir, 30, i,
                                      port, steps) for i in range(2)]
-  out0 = _signal_after(procs[0], 'pretrain step 6/30')  # to process 0 only
-  out1 = procs[1].communicate(timeout=600)[0]
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:  # drain both pipes
+    later = pool.submit(lambda: procs[1].communicate(timeout=600)[0])
+    out0 = _signal_after(procs[0], 'pretrain step 6/30')  # process 0 only
+    out1 = later.result()
   for p, out in zip(procs, (out0, out1)):
     assert p.returncode == preemption.EXIT_CODE, out[-3000:]
   said = [[l for l in out.splitlines() if 'pre-emption notice' in l]
