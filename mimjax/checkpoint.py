@@ -18,7 +18,6 @@ from absl import logging
 from etils import epath
 import flax.linen as nn
 import jax
-
 import numpy as np
 import orbax.checkpoint as ocp
 

@@ -13,6 +13,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import pytest
 
+import damage
 from mimjax import checkpoint
 
 STATE = {'w': jnp.arange(4096, dtype=jnp.float32), 'b': jnp.ones((3, 3))}
@@ -52,20 +53,12 @@ def test_save_returns_before_the_seal(tmp_path, held):
   ckpts.close()
 
 
-def _flip_a_byte(step_dir):
-  biggest = max((p for p in step_dir.rglob('*') if p.is_file()),
-                key=lambda p: p.stat().st_size)
-  data = bytearray(biggest.read_bytes())
-  data[len(data) // 2] ^= 0xFF
-  biggest.write_bytes(bytes(data))
-
-
 def test_a_damaged_step_is_set_aside(tmp_path):
   ckpts = _ckpts(tmp_path)
   for step in (1, 2):
     ckpts.save(step, STATE, {'step': step})
   ckpts.close()
-  _flip_a_byte(tmp_path / 'checkpoints' / '2')
+  damage.flip_a_byte(tmp_path / 'checkpoints' / '2')
   step, state, meta = _ckpts(tmp_path).restore_latest(STATE)
   assert (step, meta) == (1, {'step': 1})
   np.testing.assert_array_equal(state['w'], STATE['w'])

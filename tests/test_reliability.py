@@ -15,6 +15,7 @@ from mimjax import checkpoint, convert, torch_io
 from mimjax import config as config_lib
 from mimjax import main as main_lib
 from mimjax.training import pipeline
+import damage
 from tiny_config import tiny_config
 
 import test_convert as tc  # the tiny state dict (and its inverse mapping)
@@ -401,7 +402,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, data_dir, pretrained,
   run = _copy(pretrained, tmp_path)
   for step in (2, 4):  # sealed when the next save or the end came
     assert checkpoint.verify(_ckpts(run) / str(step)) == (True, '')
-  _flip_a_byte(_ckpts(run) / '4')
+  damage.flip_a_byte(_ckpts(run) / '4')
   with pytest.raises(ValueError, match=r'checkpoint step 4 in .* is damaged: '
                      r'.* does not match its checksum'):
     checkpoint.load_state_params(str(_ckpts(run)))
@@ -422,17 +423,9 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, data_dir, pretrained,
   assert json.loads((run / 'config-2.json').read_text())['stop_at_step'] == 5
 
 
-def _flip_a_byte(step_dir):
-  biggest = max((p for p in step_dir.rglob('*') if p.is_file()),
-                key=lambda p: p.stat().st_size)
-  data = bytearray(biggest.read_bytes())
-  data[len(data) // 2] ^= 0xFF
-  biggest.write_bytes(bytes(data))
-
-
 def test_no_checkpoint_verifies_is_one_line(tmp_path, data_dir, pretrained):
   run = _copy(pretrained, tmp_path)
-  _flip_a_byte(_ckpts(run) / '4')
+  damage.flip_a_byte(_ckpts(run) / '4')
   os.remove(_ckpts(run) / '2' / 'state' / '_METADATA')
   with pytest.raises(ValueError) as error:
     pipeline.run(_pretrain_config(data_dir), str(run))
