@@ -177,7 +177,7 @@ def validate(config: mlc.ConfigDict, num_devices: int, num_granules: int = 1,
 
 
 # ------------------------------------------------ refused before any work
-# (docs/training.md, "What mimjax refuses, and what it recovers from")
+# (docs/reliability.md)
 
 STAGES = ('pretrain', 'finetune', 'linprobe')
 # mimjax's own datasets (data/pipeline.py reads them); 'folder:/root' too.

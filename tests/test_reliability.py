@@ -1,7 +1,6 @@
-"""Nothing lost, nothing silently wrong (docs/training.md, "What mimjax
-refuses, and what it recovers from"): bad values refused before any work,
-mimjax-convert never deletes what it did not write, stage fingerprints,
-checkpoint checksums with fallback. Most cases validate without training;
+"""Nothing lost, nothing silently wrong (docs/reliability.md): bad values
+refused before any work, mimjax-convert never deletes what it did not
+write, stage fingerprints, checkpoint checksums with fallback. Most cases validate without training;
 three tiny pre-training runs cover the rest."""
 
 import json
