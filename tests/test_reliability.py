@@ -1,7 +1,7 @@
 """Nothing lost, nothing silently wrong (docs/reliability.md): bad values
 refused before any work, mimjax-convert never deletes what it did not
-write, stage fingerprints, checkpoint checksums with fallback. Most cases validate without training;
-three tiny pre-training runs cover the rest."""
+write, stage fingerprints, checkpoint checksums with fallback. Most cases
+validate without training; three tiny pre-training runs cover the rest."""
 
 import json
 import os
