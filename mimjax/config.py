@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 
 import jax
 import ml_collections as mlc
@@ -346,6 +347,20 @@ def init_path(path: str, what: str) -> str:
   """The checkpoint `path` names (checkpoint.find_init), or one clear line."""
   from mimjax import checkpoint  # pylint: disable=g-import-not-at-top
   return checkpoint.find_init(path, what)
+
+
+def config_files(run) -> dict[int, object]:
+  """A run directory's resolved configs, one per invocation: {1:
+  config.json, 2: config-2.json, ...} (paths; `run` a pathlib or epath)."""
+  return {int(m.group(1) or 1): p for p in run.iterdir()
+          if (m := re.fullmatch(r'config(?:-(\d+))?\.json', p.name))}
+
+
+def next_config_file(run):
+  """Where this invocation writes its config: config.json, then
+  config-2.json, ..."""
+  n = max(config_files(run), default=0) + 1
+  return run / ('config.json' if n == 1 else f'config-{n}.json')
 
 
 def check_workdir(workdir: str):

@@ -440,9 +440,7 @@ def run_config(checkpoints):
   where = checkpoint.resolve(checkpoints)
   if where.name != 'checkpoints':
     return None, None
-  root = where.parent.parent
-  numbered = {int(m.group(1) or 1): p for p in root.iterdir()
-              if (m := re.fullmatch(r'config(?:-(\d+))?\.json', p.name))}
+  numbered = config_lib.config_files(where.parent.parent)
   if not numbered:
     return None, None
   path = numbered[max(numbered)]

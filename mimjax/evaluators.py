@@ -24,13 +24,6 @@ from mimjax.analysis import knn, visualize
 from mimjax.analysis.stream import eval_stream, gathered
 
 
-def _subset_batches(data_cfg, batch_size: int, split: str,
-                    limit: int) -> list[dict]:
-  """This process's rows of eval batches of `limit` examples of `split`,
-  drawn with a fixed seed from all of it, kept on the host."""
-  return list(data_lib.eval_batches(data_cfg, batch_size, split, limit))
-
-
 class Knn:
   """kNN top-1 (%) of the encoder's mean patch token, bank from the train
   split, queries from the eval split (`knn_examples` of each, drawn with a
@@ -43,10 +36,11 @@ class Knn:
 
   @functools.cached_property
   def images(self) -> tuple[list[dict], list[dict]]:
-    """(bank, queries): this process's rows, read once."""
+    """(bank, queries): this process's rows of `knn_examples` of each
+    split, drawn with a fixed seed, read once and kept on the host."""
     c = self.config
-    return tuple(_subset_batches(c.data, c.eval_batch_size, split,
-                                 c.pretrain.knn_examples)
+    return tuple(list(data_lib.eval_batches(c.data, c.eval_batch_size, split,
+                                            c.pretrain.knn_examples))
                  for split in (c.data.train_split, c.data.eval_split))
 
   def _features(self, params, batches):
@@ -57,8 +51,7 @@ class Knn:
         f, label = gathered((self.encode(params, g['image']), g['label']))
         feats.append(f[valid])
         labels.append(label[valid])
-    limit = self.config.pretrain.knn_examples
-    return np.concatenate(feats)[:limit], np.concatenate(labels)[:limit]
+    return np.concatenate(feats), np.concatenate(labels)
 
   def run(self, step, state, writer) -> dict:
     del step, writer

@@ -24,15 +24,11 @@ def eval_stream(data_cfg, batch_size: int, mesh, split: str | None = None,
   reading `data_cfg`."""
   if batches is None:
     batches = data_lib.eval_batches(data_cfg, batch_size, split, limit)
-  seen = 0
   for i, batch in enumerate(batches):
     g = sharding.global_batch(batch, mesh)
     valid = np.asarray(multihost_utils.process_allgather(g['valid'],
                                                          tiled=True))
     yield i * batch_size, g, valid
-    seen += int(valid.sum())
-    if limit is not None and seen >= limit:
-      return
 
 
 def gathered(x) -> np.ndarray:

@@ -71,12 +71,8 @@ def run(config, workdir: str, checkpoint_path: str | None = None) -> list[dict]:
                          str(checkpoint.resolve(init)) == made_here))
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
-    # One file per invocation: config.json, then config-2.json, ...
-    name, n = 'config.json', 1
-    while (out / name).exists():
-      n += 1
-      name = f'config-{n}.json'
-    (out / name).write_text(config.to_json_best_effort(indent=1))
+    config_lib.next_config_file(out).write_text(
+        config.to_json_best_effort(indent=1))
     log_to(out / 'log.txt')
   stopped = False
   for i, (stage, kind, cfg, init, trainer) in enumerate(plan):
