@@ -123,13 +123,17 @@ def test_signal_during_a_save_or_an_evaluation_loses_nothing(
 
 
 def test_two_processes_stop_at_one_step_and_resume_bitwise(tmp_path):
-  """SIGTERM to one process of two: both save the same step and exit; run
-  again, they finish equal to an uninterrupted two-process run."""
+  """SIGTERM to one process of two whose parameters are sharded over both:
+  both save the same step and exit; run again, they finish equal to an
+  uninterrupted two-process run."""
   data_dir = tmp_path / 'tfds'
   prepare = test_multiprocess._launch(tmp_path / 'prepare', data_dir, 1)
   out = prepare.communicate(timeout=600)[0]
   assert prepare.returncode == 0, out[-3000:]
-  steps = ['--config.log_every=2', '--config.checkpoint_every=1000']
+  # The parameters sharded over both processes (fsdp 4 = 2 devices each):
+  # the saved step spans them, and so does its restore.
+  steps = ['--config.log_every=2', '--config.checkpoint_every=1000',
+           '--config.mesh=(1,4,1)']
   test_multiprocess._two_processes(tmp_path / 'straight', data_dir, 30, *steps)
 
   port = test_multiprocess._free_port()

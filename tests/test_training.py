@@ -19,6 +19,7 @@ from fast_jit import fast_env
 from mimjax import checkpoint
 from mimjax import config as config_lib
 from mimjax import sharding
+from mimjax.training import loop
 from mimjax.training import optim
 from mimjax.training import pipeline
 from mimjax.training import state as state_lib
@@ -305,3 +306,22 @@ def test_the_step_updates_adam_moments_without_copying_them():
     text = step.jitted.lower(state, batch(1.0)).compile().as_text()
   copied = re.findall(r'copy\(%state_opt_state\w*', text)
   assert not copied, copied
+
+
+def test_on_devices_keeps_two_batches_in_flight():
+  """The loop's input: each batch is placed on the mesh two steps before
+  the step that takes it, and every batch arrives once, in order."""
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  read = []
+
+  def batches():
+    for i in range(5):
+      read.append(i)
+      yield {'image': np.full((2, 1), i, np.float32)}
+
+  placed = loop.on_devices(batches(), mesh)
+  first = next(placed)
+  assert read == [0, 1, 2]  # 1 and 2 already on their way
+  assert isinstance(first['image'], jax.Array)
+  rest = [int(b['image'][0, 0]) for b in placed]
+  assert [int(first['image'][0, 0])] + rest == [0, 1, 2, 3, 4]

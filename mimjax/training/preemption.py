@@ -64,39 +64,28 @@ def install():
   if _installed or threading.current_thread() is not threading.main_thread():
     return
   _installed = True
-  if _multi():  # JAX's service has SIGTERM; SIGINT becomes one
-    signal.signal(signal.SIGINT, _pass_on_as_sigterm)
-  else:
-    signal.signal(signal.SIGTERM, _note)
-    signal.signal(signal.SIGINT, _note)
+  caught = (signal.SIGINT,) if _multi() else (signal.SIGINT, signal.SIGTERM)
+  for signum in caught:  # with several processes JAX's service has SIGTERM
+    signal.signal(signum, _note)
 
 
 def _note(signum, frame):
+  """The first signal is noted (and with several processes passed on to
+  JAX's service as SIGTERM); a second one acts as if mimjax had not
+  caught it."""
   del frame
-  name = signal.Signals(signum).name
-  if _received:  # the second signal: the default behaviour, now
-    _restore_defaults()
+  if _received:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if not _multi():
+      signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.raise_signal(signum)
     return
+  name = signal.Signals(signum).name
   _received.append(name)
   logging.warning('%s received: stopping after this step, with it saved '
                   '(again to stop at once)', name)
-
-
-def _pass_on_as_sigterm(signum, frame):
-  del frame
-  if _received:
-    _restore_defaults()
-    signal.raise_signal(signum)
-    return
-  _received.append(signal.Signals(signum).name)
-  os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _restore_defaults():
-  signal.signal(signal.SIGINT, signal.default_int_handler)
-  if not _multi():
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  if _multi():
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def requested() -> bool:
