@@ -3,7 +3,7 @@
 # on every worker, start the same run on all of them, stop it. Every
 # parameter is a flag or an environment variable; --dry-run prints the exact
 # commands. Following the logs and deleting the TPU are one gcloud command
-# each: see docs/scaling.md.
+# each: see docs/launch.md.
 set -euo pipefail
 
 PROG=${0##*/}

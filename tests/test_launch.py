@@ -1,5 +1,5 @@
 """launch/: dry runs, real runs against fake gcloud/sbatch/srun, bad input,
-and the launch commands of docs/scaling.md.
+and the launch commands of docs/launch.md and docs/scaling.md.
 
 Fast and offline: nothing here talks to a cloud, a cluster or a GPU. The
 commands the scripts would run are printed (--dry-run) or handed to small
@@ -411,9 +411,11 @@ def test_slurm_bad_input(tmp_path, slurm_env, message):
 
 
 def doc_blocks(language='bash'):
-  """The fenced ```bash blocks of docs/scaling.md."""
-  doc = (ROOT / 'docs' / 'scaling.md').read_text()
-  return re.findall(rf'^```{language}\n(.*?)^```', doc, re.S | re.M)
+  """The fenced ```bash blocks of docs/launch.md and docs/scaling.md."""
+  return [block for name in ('launch.md', 'scaling.md')
+          for block in re.findall(rf'^```{language}\n(.*?)^```',
+                                  (ROOT / 'docs' / name).read_text(),
+                                  re.S | re.M)]
 
 
 def test_scaling_doc_tpu_command_runs_as_written():
