@@ -18,8 +18,7 @@ trained by the recipe's own step (`trainers.*_recipe`, `state.create`,
     ViTForImageClassification + AdamW), same shapes and batch, when torch and
     transformers import, and the ratio mimjax/PyTorch. The fine-tuning peer
     does less work than the recipe (PEER_SKIPS: no mixup/cutmix, drop
-    path, label smoothing or layer decay; what they cost mimjax's step:
-    `ab_step.py --kind=finetune default peer_work`).
+    path, label smoothing or layer decay).
     The two take turns (`timing.taking_turns`: rounds of one untimed and two
     timed steps each), so that both are timed in the same minutes of a
     machine whose speed drifts; the ratio's range over the rounds is printed
@@ -69,13 +68,10 @@ from timing import taking_turns  # pylint: disable=g-import-not-at-top,wrong-imp
 FAKE_NUM_TRAIN = 1_000_000  # sizes the LR schedule only
 NUM_CLASSES = 1000
 # What of the fine-tuning recipe the peer does not do, as the config values
-# that turn it off in mimjax (ab_step.py's peer_work variant).
+# that turn it off in mimjax.
 PEER_SKIPS = {'finetune.mixup': 0.0, 'finetune.cutmix': 0.0,
               'finetune.drop_path': 0.0, 'finetune.label_smoothing': 0.0,
               'finetune.layer_decay': 1.0}
-# How a matmul (or a loop fused with one) that XLA:CPU hands to YNNPACK
-# shows in the compiled HLO: its fusion's backend config.
-YNNPACK_FUSION = '"__ynn_fusion"'
 GIB = 2.0**30
 
 
@@ -99,10 +95,9 @@ def benches(on_cpu: bool) -> list[Bench]:
 
 
 def make_config(bench: Bench, batch: int, dtype: str, quick: bool,
-                scan: bool | None = None, overrides: dict | None = None):
+                scan: bool | None = None):
   """The reference recipe, at the benchmark's batch and dtype (scan None:
-  as the recipe says; overrides: values by dotted path); --quick only
-  shrinks the sizes."""
+  as the recipe says); --quick only shrinks the sizes."""
   from configs import mae_imagenet  # pylint: disable=g-import-not-at-top
   c = mae_imagenet.get_config(bench.size)
   c.model.dtype = dtype
@@ -110,7 +105,6 @@ def make_config(bench: Bench, batch: int, dtype: str, quick: bool,
     c.model.scan = scan
   c.pretrain.knn_every = c.pretrain.recon_every = 0  # no evaluators
   c.pretrain.batch_size = c.finetune.batch_size = batch
-  c.update_from_flattened_dict(overrides or {})
   if quick:
     c.model.size = {'B': 'mu', 'L': 'nano'}[bench.size]
     c.model.patch_size = 4
@@ -231,21 +225,17 @@ def _stepper(holder: dict):
 
 
 def recipe_step(kind: str, batch: int, quick: bool,
-                compiler_options: dict | None = None,
-                scan: bool | None = None, compile_trace_dir: str = '',
-                overrides: dict | None = None):
-  """The recipe's train step on random images, compiled (with
-  `compiler_options` added to the step's own XLA options; scan None: as
+                scan: bool | None = None, compile_trace_dir: str = ''):
+  """The recipe's train step on random images, compiled (scan None: as
   the recipe says; the compilation traced into `compile_trace_dir` if
-  given; overrides: config values by dotted path): (its Bench, dtype,
-  step: a blocking call of one step, holder: its compiled step, compile
-  seconds, whether it is scanned, state and last metrics). For
-  profile_step.py and ab_step.py."""
+  given): (its Bench, dtype, step: a blocking call of one step, holder:
+  its compiled step, compile seconds, whether it is scanned, state and
+  last metrics). For profile_step.py."""
   from mimjax import build, sharding  # pylint: disable=g-import-not-at-top
   from mimjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   bench = next(b for b in benches(on_cpu=True) if b.kind == kind)
   dtype = step_dtype()
-  config = make_config(bench, batch, dtype, quick, scan, overrides)
+  config = make_config(bench, batch, dtype, quick, scan)
   mesh, rules = build.setup(config)
   recipe = _recipe(bench, config, mesh)
   state, shardings = state_lib.create(recipe.init_variables, recipe.tx,
@@ -259,7 +249,7 @@ def recipe_step(kind: str, batch: int, quick: bool,
     with (jax.profiler.trace(compile_trace_dir) if compile_trace_dir
           else contextlib.nullcontext()):
       start = time.perf_counter()
-      compiled = lowered.compile(compiler_options)
+      compiled = lowered.compile()
       compile_s = time.perf_counter() - start
   holder = {'state': state, 'compiled': compiled, 'batch': images,
             'compile_s': compile_s, 'scan': config.model.scan}
@@ -387,16 +377,6 @@ def bench_pipeline(data_config, mode: str, batch: int, quick: bool,
 
 
 # ------------------------------------------------------------ the PyTorch peer
-
-
-def import_torch():
-  """torch, or None where it is not installed or its build does not load
-  (matmul_rate.py, attention_rate.py)."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except Exception:  # pylint: disable=broad-except
-    return None
-  return torch
 
 
 def import_peer():

@@ -39,19 +39,14 @@ def median_step(step, warmup: int, steps: int
   return _summary([_timed(step) for _ in range(steps)])
 
 
-def taking_turns(steps: dict, warmup: int, timed: int, per_turn: int = 2,
-                 settle_s: float = 0.0) -> tuple[dict, list[dict]]:
+def taking_turns(steps: dict, warmup: int, timed: int, per_turn: int = 2
+                 ) -> tuple[dict, list[dict]]:
   """Several steps (name -> blocking callable) timed in turns, so that a
   machine whose speed drifts over minutes slows them alike: `warmup` untimed
   calls of each, then rounds in which each, in order, makes one untimed call
   (the switch: on CPU the first XLA step after PyTorch ones is seconds
-  slower, docs/performance.md; none when a step has no one to take turns
-  with) and `per_turn` timed ones, until each has made `timed`. With
-  `settle_s`, each turn starts after that many seconds of sleep, for
-  the threads of the library that ran before to stop spinning: OpenBLAS's
-  (NumPy's) keep a core busy for a while after each product, and slowed
-  the next library's products of about 10 ms by up to 40%
-  (benchmarks/matmul_rate.py, docs/performance.md).
+  slower, as `make bench`'s `switch` line shows; none when a step has no
+  one to take turns with) and `per_turn` timed ones, until each has made `timed`.
 
   Returns name -> median_step's triple plus the seconds of its untimed
   switch calls, and per round name -> the median of its timed seconds.
@@ -66,7 +61,6 @@ def taking_turns(steps: dict, warmup: int, timed: int, per_turn: int = 2,
     count = min(per_turn, timed - first)
     this_round = {}
     for name, step in steps.items():
-      time.sleep(settle_s)
       if len(steps) > 1:
         switches[name].append(_timed(step)[0])
       mine = [_timed(step) for _ in range(count)]

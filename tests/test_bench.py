@@ -6,7 +6,6 @@ import json
 import math
 import os
 import pathlib
-import re
 import statistics
 import subprocess
 import sys
@@ -117,122 +116,12 @@ def test_quick_run(tmp_path):
   assert f'JSON record: {out}' in proc.stdout
 
 
-def test_ab_step_times_variants_of_the_same_step():
-  """benchmarks/ab_step.py --quick --scan: the variants compute the same
-  loss (the matmul library and attention's chunks change no result beyond
-  rounding), each with its compile time and what its compiled step is made
-  of, and a ratio line is printed; no speed is asserted. Each variant
-  reaches the compiled step: `eigen` leaves no matmul to YNNPACK, where the
-  default step gives it some; `chunked_attention` recomputes its products;
-  `fast_compile` fuses less; and --scan reaches the recipe."""
-  variants = ('default', 'eigen', 'chunked_attention', 'fast_compile')
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / 'benchmarks' / 'ab_step.py'), '--quick',
-       '--scan', '--batch=4', '--timed=2', *variants],
-      cwd=ROOT, env=fast_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  lines = proc.stdout.splitlines()
-  medians = [l for l in lines if ' median ' in l]
-  losses = [float(l.split('loss ')[1].split(',')[0]) for l in medians]
-  assert len(losses) == 4 and losses == pytest.approx([losses[0]] * 4,
-                                                      rel=1e-4)
-  assert all(_positive(float(re.search(r', compile ([\d.]+) s', l)[1]))
-             for l in medians), proc.stdout
-  for name in variants[1:]:
-    ratio = next(l for l in lines if f'{name} against default:' in l)
-    assert _positive(float(ratio.split(':')[1].split('x')[0])), proc.stdout
-  anatomies = [lines[lines.index(median) + 1] for median in medians]
-  assert all(a.split()[0] == 'scanned:' for a in anatomies), anatomies
-  anatomy = {name: dict(zip(('loops', 'matmuls', 'in_ynnpack'),
-                            map(int, re.findall(r'\d+', a))))
-             for name, a in zip(variants, anatomies)}
-  assert anatomy['chunked_attention']['matmuls'] > anatomy['default'][
-      'matmuls'] > 0, anatomy
-  assert anatomy['fast_compile']['loops'] > anatomy['default']['loops']
-  if not anatomy['default']['in_ynnpack']:
-    pytest.skip('this jaxlib runs no matmul in YNNPACK')
-  assert anatomy['eigen']['in_ynnpack'] == 0, anatomy
-
-
-def test_peer_work_variant_compiles_the_step_without_the_peers_skips(
-    monkeypatch):
-  """ab_step's peer_work overrides reach the compiled fine-tuning step: its
-  random draws (mixup/cutmix's Beta, drop path's masks, each a while loop
-  on CPU) are gone, and the peer's line names what it skips."""
+def test_the_fine_tuning_peer_names_what_it_skips(monkeypatch):
+  """run.PEER_SKIPS in words, as the fine-tuning peer's line prints them."""
   monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
-  import ab_step  # pylint: disable=g-import-not-at-top
-  loops = {name: ab_step.variant_step(name, 'finetune', 4, True)[3][
-      'compiled'].as_text().count(' while(')
-           for name in ('default', 'peer_work')}
-  assert loops['default'] > loops['peer_work'] == 0, loops
-  assert ab_step.bench_lib.peer_skips() == (
+  import run  # pylint: disable=g-import-not-at-top
+  assert run.peer_skips() == (
       'mixup, cutmix, drop path, label smoothing and layer decay')
-
-
-def test_chunked_attention_tried_is_attention(monkeypatch):
-  """ab_step's chunked_attention (tried, not kept) computes vit.attend's
-  values and gradients, in chunks of two rows here."""
-  monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
-  import attention_chunks  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from mimjax.models import vit  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(attention_chunks, 'CHUNK_BYTES', 2 * 2 * 9 * 9 * 4)
-  q, k, v, cotangent = (jax.random.normal(key, (6, 2, 9, 4)) * 2
-                        for key in jax.random.split(jax.random.key(0), 4))
-  chunked = attention_chunks.chunked_attend
-  assert str(jax.make_jaxpr(chunked)(q, k, v)).count('dot_general') == 6
-  for got, want in zip(*(
-      jax.value_and_grad(lambda *x, fn=fn: (fn(*x) * cotangent).sum(),
-                         argnums=(0, 1, 2))(q, k, v)
-      for fn in (chunked, vit.attend))):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-
-
-def test_matmul_rate_counts_each_products_flops(monkeypatch):
-  monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
-  import matmul_rate  # pylint: disable=g-import-not-at-top
-  assert matmul_rate.flop('square') == 2 * 2048**3
-  assert matmul_rate.flop('mlp') == 2 * 16 * 197 * 768 * 3072
-  assert matmul_rate.flop('weight_grad') == 2 * 16 * 197 * 768 * 3072
-  assert matmul_rate.flop('scores') == 2 * 16 * 12 * 197 * 64 * 197
-  assert matmul_rate.flop('encoder_mlp') == 2 * 16 * 50 * 768 * 3072
-  assert matmul_rate.flop('decoder_mlp') == 2 * 16 * 197 * 512 * 2048
-
-
-def test_matmul_rate_passes_its_settling_pause_to_the_turns(monkeypatch):
-  monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
-  import matmul_rate  # pylint: disable=g-import-not-at-top
-  settles = []
-
-  def turns(steps, warmup, timed, settle_s=0.0):
-    settles.append(settle_s)
-    return {name: (1.0, [1.0], {}, []) for name in steps}, []
-
-  monkeypatch.setattr(matmul_rate, 'taking_turns', turns)
-  matmul_rate.main(['--shapes=scores', '--dtypes=float32', '--settle=0.7'])
-  matmul_rate.main(['--shapes=scores', '--dtypes=float32'])
-  assert settles == [0.7, 0.5]
-
-
-def test_matmul_rate_times_each_library_in_turns():
-  """benchmarks/matmul_rate.py: one line per shape and dtype, a positive
-  rate for each library (XLA's Eigen always; torch when installed; NumPy
-  in float32 only); no speed is asserted."""
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / 'benchmarks' / 'matmul_rate.py'),
-       '--shapes=mlp', '--timed=2'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  rows = {l.split()[1]: dict(re.findall(r'(jax \w+|torch|numpy) +([\d.]+)', l))
-          for l in proc.stdout.splitlines() if l.startswith('  mlp ')}
-  assert set(rows) == {'float32', 'bfloat16'}, proc.stdout
-  libraries = {'jax Eigen'} | ({'torch'} if _importable('torch') else set())
-  assert libraries <= set(rows['bfloat16']), proc.stdout
-  assert libraries | {'numpy'} <= set(rows['float32']), proc.stdout
-  assert 'numpy' not in rows['bfloat16']
-  assert all(_positive(float(rate)) for row in rows.values()
-             for rate in row.values()), proc.stdout
 
 
 def test_profile_step_sums_a_traced_step(tmp_path):
@@ -274,27 +163,3 @@ def test_profile_step_traces_a_compilation(tmp_path):
           if len(l.split()) == 3 and l.split()[1].isdigit()}
   assert 0 < rows['PjRtCpuClient::Compile'] <= took, proc.stdout
   assert not [event for event in rows if event.endswith('_fusion')], rows
-
-
-def test_attention_rate_times_each_shape_in_turns():
-  """benchmarks/attention_rate.py --quick: for each shape, a positive time
-  a pass and a step for mimjax, and for PyTorch's two passes when torch is
-  installed; no speed is asserted."""
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / 'benchmarks' / 'attention_rate.py'),
-       '--quick', '--timed=2'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  lines = proc.stdout.splitlines()
-  headers = [l for l in lines if l.startswith('  ') and l.endswith(':')]
-  shapes = [l.split()[0] for l in headers]
-  assert shapes == ['decoder', 'encoder', 'finetune'], proc.stdout
-  times = re.findall(r'^    (mimjax|torch sdpa|torch bmm) +([\d.]+) ms a pass, '
-                     r'+([\d.]+) ms a step$', proc.stdout, re.M)
-  libraries = ['mimjax'] + (['torch sdpa', 'torch bmm']
-                            if _importable('torch') else [])
-  assert [t[0] for t in times] == libraries * 3, proc.stdout
-  assert all(float(a) > 0 and float(b) > 0 for _, a, b in times), proc.stdout
-  if _importable('torch'):  # the same function in both frameworks
-    assert all(float(re.search(r'at most ([\d.e+-]+)\)', h).group(1)) < 1e-4
-               for h in headers), proc.stdout

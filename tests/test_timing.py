@@ -32,10 +32,3 @@ def test_median_step_times_after_warmup():
   median, times, _ = timing.median_step(lambda: calls.append(1), 2, 3)
   assert len(calls) == 5 and len(times) == 3 and median == sorted(times)[1]
 
-
-def test_each_turn_starts_after_the_settling_sleep(monkeypatch):
-  events = []
-  monkeypatch.setattr(timing.time, 'sleep', lambda s: events.append(s))
-  steps = {name: (lambda name=name: events.append(name)) for name in 'ab'}
-  timing.taking_turns(steps, warmup=1, timed=4, per_turn=2, settle_s=0.5)
-  assert events == ['a', 'b'] + [0.5, 'a', 'a', 'a', 0.5, 'b', 'b', 'b'] * 2
